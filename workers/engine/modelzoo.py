@@ -190,6 +190,7 @@ def load_model(
     cache_dir: Path | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
 ) -> tuple[Any, Any]:
     """Load (model, tokenizer) for a model id, in eval mode on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -197,7 +198,8 @@ def load_model(
     source = resolve_checkpoint(model_id, allowed_roots, cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        # trust_remote_code only for artifacts whose loader ships inside them (per-layer widths).
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise EngineError("model_load_failed", f"Could not load model {model_id!r}: {exc}") from exc
     model.to(device)

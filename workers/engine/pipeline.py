@@ -52,6 +52,7 @@ def prune(
     should_cancel: CancelCheck = never_cancel,
     seed: int = 0,
     tokenizer: Any = None,
+    recovery_data: torch.Tensor | None = None,
 ) -> PruneOutcome:
     """Prune `model` (in place) with a registered method and return it with its report."""
     validate_target(target_sparsity, sparsity_basis)
@@ -69,6 +70,7 @@ def prune(
         should_cancel=should_cancel,
         seed=seed,
         tokenizer=tokenizer,
+        recovery_data=recovery_data,
     )
     started = time.perf_counter()
     with PeakMemory() as memory:

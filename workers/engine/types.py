@@ -74,6 +74,8 @@ class PruneContext:
     should_cancel: CancelCheck = never_cancel
     seed: int = 0
     tokenizer: Any = None  # some methods (LoRA recovery on text) need it
+    # Token batches for an optional recovery step (LoRA); methods fall back to `calibration`.
+    recovery_data: torch.Tensor | None = None
 
     def check_cancel(self) -> None:
         if self.should_cancel():
