@@ -1,0 +1,166 @@
+"""The `slimforge` command: serve, worker, migrate, create-key, prune, eval."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from app.settings import Settings, get_settings
+
+
+def _bootstrap(settings: Settings, migrate: bool) -> None:
+    """Prepare the store: migrate (if asked) and make sure the default tenant has a key."""
+    from app.auth import bootstrap_keys
+    from app.db import make_engine, make_session_factory, session_scope
+    from app.migrate import upgrade
+
+    settings.ensure_dirs()
+    if migrate:
+        upgrade(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url)
+    with session_scope(make_session_factory(engine)) as session:
+        generated = bootstrap_keys(session, settings.bootstrap_key)
+    engine.dispose()
+    if generated:
+        bar = "=" * 72
+        print(
+            f"{bar}\nGenerated the first API key (shown once; only its hash is stored):\n\n"
+            f"    {generated}\n\nUse it as 'Authorization: Bearer <key>'.\n{bar}",
+            flush=True,
+        )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.main import create_app
+    from app.services import Services
+    from workers.reaper import Reaper
+
+    settings = get_settings()
+    embedded = settings.embedded_broker if args.embedded_worker == "auto" else args.embedded_worker == "yes"
+    migrate = args.migrate if args.migrate is not None else settings.resolved_database_url.startswith("sqlite")
+    _bootstrap(settings, migrate)
+    services = Services.build(settings)
+    if embedded:
+        from app.embedded import start_worker_thread
+        from workers.celery_app import celery_app
+
+        start_worker_thread(celery_app, settings.queue_name)
+    Reaper(services.sessions, settings, services.enqueue).start()
+    app = create_app(settings, services)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from app.services import Services
+    from workers.celery_app import celery_app
+    from workers.reaper import Reaper
+
+    settings = get_settings()
+    settings.ensure_dirs()
+    services = Services.build(settings)
+    Reaper(services.sessions, settings, services.enqueue).start()
+    import workers.tasks  # noqa: F401
+
+    argv = [
+        "worker",
+        "--pool=solo",
+        "--concurrency=1",
+        "--prefetch-multiplier=1",
+        "-Q",
+        settings.queue_name,
+        f"--loglevel={args.log_level.upper()}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if args.hostname:
+        argv += ["-n", args.hostname]
+    celery_app.worker_main(argv)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from app.migrate import downgrade, upgrade
+
+    settings = get_settings()
+    settings.ensure_dirs()
+    if args.direction == "down":
+        downgrade(settings.resolved_database_url, args.revision or "base")
+    else:
+        upgrade(settings.resolved_database_url, args.revision or "head")
+        _bootstrap(settings, migrate=False)
+    print(f"database {settings.resolved_database_url.split('@')[-1]} at {args.revision or args.direction}")
+    return 0
+
+
+def cmd_create_key(args: argparse.Namespace) -> int:
+    from app.auth import create_key
+    from app.db import make_engine, make_session_factory, session_scope
+
+    settings = get_settings()
+    with session_scope(make_session_factory(make_engine(settings.resolved_database_url))) as session:
+        key = create_key(session, args.tenant, name=args.name)
+    print(key)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimforge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the API (embedded default: with an in-process worker)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--log-level", default="info")
+    serve.add_argument(
+        "--embedded-worker",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="run a worker thread in this process (auto: when the broker is the embedded one)",
+    )
+    serve.add_argument(
+        "--migrate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="upgrade the database first (default: only for SQLite)",
+    )
+    serve.set_defaults(handler=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run a Celery worker (one job at a time) for production")
+    worker.add_argument("--log-level", default="info")
+    worker.add_argument("--hostname", default=None, help="Celery node name, e.g. gpu0@%%h")
+    worker.set_defaults(handler=cmd_worker)
+
+    migrate = sub.add_parser("migrate", help="apply database migrations (Alembic)")
+    migrate.add_argument("direction", nargs="?", choices=["up", "down"], default="up")
+    migrate.add_argument("--revision", default=None, help="target revision (default: head / base)")
+    migrate.set_defaults(handler=cmd_migrate)
+
+    key = sub.add_parser("create-key", help="create an API key for a tenant and print it once")
+    key.add_argument("--tenant", default="default")
+    key.add_argument("--name", default="")
+    key.set_defaults(handler=cmd_create_key)
+
+    from workers.engine.cli_prune import add_prune_parser
+
+    add_prune_parser(sub)
+    try:
+        from workers.engine.cli_eval import add_eval_parser
+    except ImportError:  # the evaluation package is optional at import time
+        pass
+    else:
+        add_eval_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Errors as RFC 9457 `application/problem+json`, with a stable `code` clients can switch on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from workers.engine.types import EngineError
+
+PROBLEM_JSON = "application/problem+json"
+
+# Engine error codes that mean "the request was wrong" map to 4xx statuses.
+ENGINE_ERROR_STATUS = {
+    "unknown_model": 422,
+    "model_not_installed": 422,
+    "invalid_model": 422,
+    "path_not_allowed": 403,
+    "unknown_method": 422,
+    "invalid_sparsity": 422,
+    "invalid_options": 422,
+    "unsupported_architecture": 422,
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.extra = extra
+
+
+def problem(status: int, code: str, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    body = {
+        "type": f"https://slimforge.dev/problems/{code}",
+        "title": code.replace("_", " "),
+        "status": status,
+        "code": code,
+        "detail": detail,
+        **extra,
+    }
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def _validation_detail(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
+    errors = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err.get("loc", ()) if part != "body")
+        errors.append({"field": loc, "message": err.get("msg", "")})
+    if any(err.get("type") == "json_invalid" for err in exc.errors()):
+        return "The request body is not valid JSON.", errors
+    summary = "; ".join(f"{e['field'] or 'body'}: {e['message']}" for e in errors[:5])
+    return f"Invalid request: {summary}", errors
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return problem(exc.status, exc.code, exc.detail, **exc.extra)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(_request: Request, exc: EngineError) -> JSONResponse:
+        return problem(ENGINE_ERROR_STATUS.get(exc.code, 422), exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail, errors = _validation_detail(exc)
+        code = "malformed_json" if detail.startswith("The request body is not valid JSON") else "validation_error"
+        return problem(400 if code == "malformed_json" else 422, code, detail, errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status_code, "http_error")
+        return problem(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))

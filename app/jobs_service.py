@@ -1,0 +1,124 @@
+"""Job creation and state changes shared by the API and the workers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.errors import ApiError
+from app.models import Dataset, Job, JobEvent, utcnow
+from app.schemas import DatasetCalibration, JobCreate
+from app.settings import Settings
+from workers.engine.modelzoo import check_model_id
+from workers.engine.registry import get_method, parse_options
+
+
+def request_hash(body: JobCreate) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _readable(exc: ValidationError, prefix: str) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{prefix}{'.' + loc if loc else ''}: {err.get('msg')}")
+    return "; ".join(parts)
+
+
+def validate_job(body: JobCreate, session: Session, tenant_id: str, settings: Settings) -> dict[str, Any]:
+    """Check everything that can be checked without loading a model; return the normalised spec."""
+    check_model_id(body.model, settings.allowed_model_roots)
+    method = get_method(body.method)
+    try:
+        options = parse_options(method, body.options)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_options", _readable(exc, "options")) from None
+    evaluation = None
+    if body.evaluation is not None:
+        from workers.engine.evaluation import EvaluationConfig
+
+        try:
+            evaluation = EvaluationConfig.model_validate(body.evaluation).model_dump(mode="json")
+        except ValidationError as exc:
+            raise ApiError(422, "invalid_evaluation", _readable(exc, "evaluation")) from None
+        for name in evaluation.get("perplexity", []):
+            if name.startswith("dataset:"):
+                _tenant_dataset(session, tenant_id, name.removeprefix("dataset:"))
+    if isinstance(body.calibration, DatasetCalibration):
+        _tenant_dataset(session, tenant_id, body.calibration.dataset_id)
+    spec = body.model_dump(mode="json")
+    spec["options"] = options.model_dump(mode="json")
+    spec["evaluation"] = evaluation
+    return spec
+
+
+def _tenant_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None or dataset.tenant_id != tenant_id:
+        raise ApiError(
+            404, "dataset_not_found", f"Dataset {dataset_id!r} does not exist (upload it with POST /v1/datasets)."
+        )
+    return dataset
+
+
+def add_event(
+    session: Session, job_id: str, kind: str, message: str, stage: str | None = None, data: dict | None = None
+) -> None:
+    """Append an event with the job's next sequence number (atomic increment on the job row)."""
+    seq = session.execute(
+        update(Job).where(Job.id == job_id).values(event_count=Job.event_count + 1).returning(Job.event_count)
+    ).scalar_one()
+    session.add(JobEvent(job_id=job_id, seq=seq, kind=kind, stage=stage, message=message, data=data))
+
+
+def create_job(
+    session: Session,
+    tenant_id: str,
+    body: JobCreate,
+    spec: dict[str, Any],
+    settings: Settings,
+    idempotency_key: str | None,
+) -> tuple[Job, bool]:
+    """Insert the job (or find the idempotent twin); returns (job, created)."""
+    digest = request_hash(body)
+    if idempotency_key:
+        existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key))
+        if existing is not None:
+            if existing.request_hash != digest:
+                raise ApiError(
+                    409,
+                    "idempotency_conflict",
+                    "This Idempotency-Key was already used with a different request body; use a new key.",
+                )
+            return existing, False
+    job = Job(
+        tenant_id=tenant_id,
+        status="queued",
+        model=body.model,
+        method=body.method,
+        target_sparsity=body.target_sparsity,
+        sparsity_basis=body.sparsity_basis,
+        spec=spec,
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+        max_attempts=settings.max_attempts,
+        created_at=utcnow(),
+    )
+    session.add(job)
+    session.flush()
+    add_event(session, job.id, "status", "job queued", data={"status": "queued"})
+    return job, True
+
+
+def tenant_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    # Another tenant's job is reported exactly like a missing one: ids leak nothing.
+    if job is None or job.tenant_id != tenant_id:
+        raise ApiError(404, "job_not_found", f"Job {job_id!r} does not exist.")
+    return job

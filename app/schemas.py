@@ -1,0 +1,144 @@
+"""Request and response bodies of the v1 API (pydantic v2)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.models import Job
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SelfGeneratedCalibration(Strict):
+    source: Literal["self_generated"]
+    n_samples: int = Field(8, ge=1, le=1024)
+    seq_len: int = Field(128, ge=8, le=8192)
+
+
+class DatasetCalibration(Strict):
+    source: Literal["dataset"]
+    dataset_id: str = Field(min_length=1, max_length=64)
+    n_samples: int = Field(8, ge=1, le=1024)
+    seq_len: int = Field(128, ge=8, le=8192)
+
+
+Calibration = Annotated[SelfGeneratedCalibration | DatasetCalibration, Field(discriminator="source")]
+
+
+class JobCreate(Strict):
+    model: str = Field(min_length=1, max_length=512, examples=["builtin:smollm2-135m"])
+    method: str = Field("gradmap", min_length=1, max_length=64)
+    target_sparsity: float = Field(gt=0.0, lt=1.0, description="fraction to remove, strictly between 0 and 1")
+    sparsity_basis: Literal["layers", "parameters"] = "layers"
+    calibration: Calibration = Field(default_factory=lambda: SelfGeneratedCalibration(source="self_generated"))
+    options: dict[str, Any] = Field(default_factory=dict, description="method options (see GET /v1/methods)")
+    evaluation: dict[str, Any] | None = Field(None, description="what to evaluate before and after pruning")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    stage: str | None
+
+
+class JobOut(BaseModel):
+    id: str
+    status: str
+    stage: str | None
+    progress: float
+    model: str
+    method: str
+    target_sparsity: float
+    sparsity_basis: str
+    calibration: dict[str, Any]
+    options: dict[str, Any]
+    evaluation: dict[str, Any] | None
+    seed: int
+    attempts: int
+    max_attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+    error: JobError | None
+    result: dict[str, Any] | None
+    artifact_id: str | None
+
+    @classmethod
+    def from_row(cls, job: Job) -> JobOut:
+        spec = job.spec
+        error = (
+            JobError(code=job.error_code, message=job.error_message or "", stage=job.error_stage)
+            if job.error_code
+            else None
+        )
+        return cls(
+            id=job.id,
+            status=job.status,
+            stage=job.stage,
+            progress=round(job.progress, 2),
+            model=job.model,
+            method=job.method,
+            target_sparsity=job.target_sparsity,
+            sparsity_basis=job.sparsity_basis,
+            calibration=spec.get("calibration", {}),
+            options=spec.get("options", {}),
+            evaluation=spec.get("evaluation"),
+            seed=spec.get("seed", 0),
+            attempts=job.attempts,
+            max_attempts=job.max_attempts,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            heartbeat_at=job.heartbeat_at,
+            error=error,
+            result=job.result,
+            artifact_id=job.artifact_id,
+        )
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
+
+
+class EventOut(BaseModel):
+    seq: int
+    created_at: datetime
+    kind: str
+    stage: str | None
+    message: str
+    data: dict[str, Any] | None
+
+
+class DatasetOut(BaseModel):
+    id: str
+    name: str
+    format: str
+    size_bytes: int
+    sha256: str
+    n_texts: int
+    n_chars: int
+    created_at: datetime
+
+
+class ArtifactFileOut(BaseModel):
+    path: str
+    size_bytes: int
+    sha256: str
+    url: str
+
+
+class ArtifactOut(BaseModel):
+    id: str
+    job_id: str
+    total_bytes: int
+    created_at: datetime
+    files: list[ArtifactFileOut]
+    archive_url: str

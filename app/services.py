@@ -1,0 +1,34 @@
+"""Process-wide handles the API needs: settings, database, Celery producer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from celery import Celery
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db import make_engine, make_session_factory
+from app.settings import Settings
+from workers.celery_app import RUN_JOB_TASK, make_celery
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    celery: Celery
+
+    @classmethod
+    def build(cls, settings: Settings) -> Services:
+        settings.ensure_dirs()
+        engine = make_engine(settings.resolved_database_url)
+        return cls(settings, engine, make_session_factory(engine), make_celery(settings))
+
+    def enqueue(self, job_id: str) -> None:
+        """Send the job to the workers; the task id is the job id (call only after the row is committed)."""
+        self.celery.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=self.settings.queue_name)

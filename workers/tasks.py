@@ -1,0 +1,22 @@
+"""Celery tasks. The task only wires settings and the database to the job runner."""
+
+from __future__ import annotations
+
+from functools import cache
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db import make_engine, make_session_factory
+from app.settings import get_settings
+from workers.celery_app import RUN_JOB_TASK, celery_app
+from workers.runner import run_job
+
+
+@cache
+def _sessions() -> sessionmaker[Session]:
+    return make_session_factory(make_engine(get_settings().resolved_database_url))
+
+
+@celery_app.task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True)
+def run_job_task(job_id: str) -> str | None:
+    return run_job(job_id, get_settings(), _sessions())
