@@ -89,6 +89,7 @@ class Settings(BaseSettings):
         if self.embedded_broker:
             (self.broker_dir / "queue").mkdir(parents=True, exist_ok=True)
             (self.broker_dir / "processed").mkdir(parents=True, exist_ok=True)
+            (self.broker_dir / "control").mkdir(parents=True, exist_ok=True)
 
 
 def get_settings() -> Settings:

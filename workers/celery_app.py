@@ -23,6 +23,7 @@ def make_celery(settings: Settings) -> Celery:
             "data_folder_in": queue_dir,
             "data_folder_out": queue_dir,
             "processed_folder": str(settings.broker_dir / "processed"),
+            "control_folder": str(settings.broker_dir / "control"),
             "store_processed": False,
         }
     app.conf.update(
