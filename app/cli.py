@@ -144,15 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("--name", default="")
     key.set_defaults(handler=cmd_create_key)
 
+    from workers.engine.cli_eval import add_eval_parser
     from workers.engine.cli_prune import add_prune_parser
 
     add_prune_parser(sub)
-    try:
-        from workers.engine.cli_eval import add_eval_parser
-    except ImportError:  # the evaluation package is optional at import time
-        pass
-    else:
-        add_eval_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

@@ -50,6 +50,14 @@ def validate_job(body: JobCreate, session: Session, tenant_id: str, settings: Se
         for name in evaluation.get("perplexity", []):
             if name.startswith("dataset:"):
                 _tenant_dataset(session, tenant_id, name.removeprefix("dataset:"))
+        needs_data = evaluation["tasks"] or any(not n.startswith("dataset:") for n in evaluation["perplexity"])
+        if needs_data and settings.eval_data_dir is None:
+            raise ApiError(
+                422,
+                "eval_data_missing",
+                "Built-in perplexity texts and zero-shot tasks need SLIMFORGE_EVAL_DATA_DIR on the server; "
+                "use 'dataset:<id>' texts instead, or ask the operator to configure it.",
+            )
     if isinstance(body.calibration, DatasetCalibration):
         _tenant_dataset(session, tenant_id, body.calibration.dataset_id)
     spec = body.model_dump(mode="json")

@@ -245,9 +245,21 @@ def _evaluate(
             should_cancel=state.should_cancel,
         )
 
-    if dense and not any(n.startswith("dataset:") for n in config.perplexity):
-        return cached_evaluate(settings.eval_cache_dir, spec["model"], config, compute)
-    return compute()
+    if not dense:
+        return compute()
+    # Dataset ids name immutable uploads, so every config (including "dataset:<id>" texts) caches safely.
+    return cached_evaluate(settings.eval_cache_dir, dense_model_key(spec["model"], settings, model), config, compute)
+
+
+def dense_model_key(model_id: str, settings: Settings, model: Any) -> str:
+    """Identify the dense weights and numerics: the id, plus a fingerprint of local files, plus device/dtype."""
+    param = next(model.parameters())
+    key = f"{model_id}|{param.device.type}|{param.dtype}"
+    if model_id.startswith(("/", ".", "~")):
+        root = Path(model_id).expanduser().resolve()
+        stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in root.iterdir() if p.is_file())
+        key += "|" + hashlib.sha256(repr(stats).encode()).hexdigest()[:16]
+    return key
 
 
 def _publish(

@@ -56,8 +56,13 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 def make_settings(data_dir: Path, database_url: str, model_root: Path, **overrides: object) -> Settings:
     values: dict[str, object] = dict(
-        data_dir=data_dir, database_url=database_url, bootstrap_key=KEY_A, allowed_model_roots=[model_root],
-        max_upload_bytes=256 * 1024, heartbeat_seconds=1.0, reaper_interval_seconds=1.0,
+        data_dir=data_dir,
+        database_url=database_url,
+        bootstrap_key=KEY_A,
+        allowed_model_roots=[model_root],
+        max_upload_bytes=256 * 1024,
+        heartbeat_seconds=1.0,
+        reaper_interval_seconds=1.0,
     )
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

@@ -49,8 +49,9 @@ def test_txt_and_jsonl_uploads_record_sha256_and_counts(api: Api) -> None:
         ("huge.txt", b"a" * (300 * 1024), 413, "upload_too_large"),
     ],
 )
-def test_bad_uploads_are_refused_and_leave_stored_data_intact(api: Api, name: str, content: bytes, status: int,
-                                                              code: str) -> None:
+def test_bad_uploads_are_refused_and_leave_stored_data_intact(
+    api: Api, name: str, content: bytes, status: int, code: str
+) -> None:
     good = upload(api, "good.txt", b"some calibration text " * 20).json()
     files_before = stored_files(api)
     assert_problem(upload(api, name, content), status, code)
@@ -60,8 +61,9 @@ def test_bad_uploads_are_refused_and_leave_stored_data_intact(api: Api, name: st
 
 
 def test_body_far_over_the_limit_is_refused_before_it_is_read(api: Api) -> None:
-    response = api.post("/v1/datasets", content=b"x" * (2 * 1024 * 1024),
-                        headers={"content-type": "multipart/form-data; boundary=xyz"})
+    response = api.post(
+        "/v1/datasets", content=b"x" * (2 * 1024 * 1024), headers={"content-type": "multipart/form-data; boundary=xyz"}
+    )
     assert_problem(response, 413, "upload_too_large")
 
 

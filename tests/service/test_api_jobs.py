@@ -44,8 +44,13 @@ def test_submit_returns_202_with_location_and_the_contract_fields(api: Api, mode
 
 
 def test_contract_example_body_is_accepted(api: Api) -> None:
-    body = {"model": "builtin:smollm2-135m", "method": "gradmap", "target_sparsity": 0.2, "sparsity_basis": "layers",
-            "calibration": {"source": "self_generated", "n_samples": 8, "seq_len": 128}}
+    body = {
+        "model": "builtin:smollm2-135m",
+        "method": "gradmap",
+        "target_sparsity": 0.2,
+        "sparsity_basis": "layers",
+        "calibration": {"source": "self_generated", "n_samples": 8, "seq_len": 128},
+    }
     response = api.post("/v1/jobs", json=body)
     assert response.status_code == 202, response.text
     assert response.json()["method"] == "gradmap"
@@ -70,8 +75,9 @@ def test_contract_example_body_is_accepted(api: Api) -> None:
         ({"unexpected_field": True}, 422, "validation_error"),
     ],
 )
-def test_bad_job_requests_are_refused_and_store_nothing(api: Api, model_root: Path, change: dict, status: int,
-                                                        code: str) -> None:
+def test_bad_job_requests_are_refused_and_store_nothing(
+    api: Api, model_root: Path, change: dict, status: int, code: str
+) -> None:
     api.post("/v1/jobs", json=tiny_job(model_root))
     before = job_count(api)
     assert_problem(api.post("/v1/jobs", json=tiny_job(model_root, **change)), status, code)
@@ -79,7 +85,9 @@ def test_bad_job_requests_are_refused_and_store_nothing(api: Api, model_root: Pa
 
 
 def test_malformed_json_is_a_400_problem(api: Api) -> None:
-    response = api.post("/v1/jobs", content=b'{"model": "builtin:smollm2-135m",', headers={"content-type": "application/json"})
+    response = api.post(
+        "/v1/jobs", content=b'{"model": "builtin:smollm2-135m",', headers={"content-type": "application/json"}
+    )
     body = assert_problem(response, 400, "malformed_json")
     assert "JSON" in body["detail"]
     assert job_count(api) == 0

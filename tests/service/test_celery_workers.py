@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import UTC, datetime
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -24,8 +24,14 @@ def cluster(tmp_path: Path, model_root: Path) -> Iterator[tuple[Api, Settings, l
     """An API client plus a list the test fills with worker processes; all torn down afterwards."""
     with fresh_pg_database() as url:
         settings = make_settings(
-            tmp_path / "data", url, model_root, broker_url=REDIS_URL, queue_name=f"test-{uuid.uuid4().hex[:8]}",
-            heartbeat_seconds=0.5, heartbeat_timeout_seconds=4.0, reaper_interval_seconds=1.0,
+            tmp_path / "data",
+            url,
+            model_root,
+            broker_url=REDIS_URL,
+            queue_name=f"test-{uuid.uuid4().hex[:8]}",
+            heartbeat_seconds=0.5,
+            heartbeat_timeout_seconds=4.0,
+            reaper_interval_seconds=1.0,
         )
         prepare_store(settings)
         app = create_app(settings)

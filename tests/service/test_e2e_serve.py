@@ -36,14 +36,16 @@ def served(tmp_path: Path, model_root: Path) -> Iterator[httpx.Client]:
     MODEL_CACHE.mkdir(parents=True, exist_ok=True)
     (data_dir / "models").symlink_to(MODEL_CACHE)  # reuse the dequantised built-in models
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMFORGE_")}
-    env.update(SLIMFORGE_DATA_DIR=str(data_dir), SLIMFORGE_BOOTSTRAP_KEY=KEY,
-               SLIMFORGE_ALLOWED_MODEL_ROOTS=str(model_root))
+    env.update(
+        SLIMFORGE_DATA_DIR=str(data_dir), SLIMFORGE_BOOTSTRAP_KEY=KEY, SLIMFORGE_ALLOWED_MODEL_ROOTS=str(model_root)
+    )
     port = free_port()
     server = Process(["serve", "--port", str(port)], env, tmp_path / "serve.log")
     try:
         server.wait_for_log("Uvicorn running", timeout=180)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEY}"},
-                          timeout=60) as client:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+        ) as client:
             assert client.get("/readyz").json()["status"] == "ready"
             yield client
     finally:
@@ -78,12 +80,18 @@ def download_and_verify(client: httpx.Client, artifact_id: str, out: Path) -> Pa
     return root
 
 
-def test_serve_runs_a_job_on_a_tiny_model_and_the_artifact_loads(served: httpx.Client, model_root: Path,
-                                                                 tmp_path: Path) -> None:
+def test_serve_runs_a_job_on_a_tiny_model_and_the_artifact_loads(
+    served: httpx.Client, model_root: Path, tmp_path: Path
+) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    body = {"model": str(model_root / "tiny-llama"), "method": "shortgpt", "target_sparsity": 0.5,
-            "sparsity_basis": "layers", "calibration": {"source": "self_generated", "n_samples": 2, "seq_len": 32}}
+    body = {
+        "model": str(model_root / "tiny-llama"),
+        "method": "shortgpt",
+        "target_sparsity": 0.5,
+        "sparsity_basis": "layers",
+        "calibration": {"source": "self_generated", "n_samples": 2, "seq_len": 32},
+    }
     job = run_to_completion(served, body, timeout=300)
     assert job["status"] == "succeeded", job
     root = download_and_verify(served, job["artifact_id"], tmp_path / "dl")
@@ -101,8 +109,13 @@ def test_quickstart_gradmap_on_real_smollm2(served: httpx.Client, tmp_path: Path
 
     upload = served.post("/v1/datasets", files={"file": ("wiki.txt", wikitext_text[:200_000].encode())})
     assert upload.status_code == 201, upload.text
-    body = {"model": "builtin:smollm2-135m", "method": "gradmap", "target_sparsity": 0.2, "sparsity_basis": "layers",
-            "calibration": {"source": "dataset", "dataset_id": upload.json()["id"], "n_samples": 4, "seq_len": 64}}
+    body = {
+        "model": "builtin:smollm2-135m",
+        "method": "gradmap",
+        "target_sparsity": 0.2,
+        "sparsity_basis": "layers",
+        "calibration": {"source": "dataset", "dataset_id": upload.json()["id"], "n_samples": 4, "seq_len": 64},
+    }
     job = run_to_completion(served, body, timeout=900)
     assert job["status"] == "succeeded", job
     result = job["result"]
