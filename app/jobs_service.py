@@ -58,6 +58,12 @@ def validate_job(body: JobCreate, session: Session, tenant_id: str, settings: Se
                 "Built-in perplexity texts and zero-shot tasks need SLIMFORGE_EVAL_DATA_DIR on the server; "
                 "use 'dataset:<id>' texts instead, or ask the operator to configure it.",
             )
+    if body.webhook_url is not None and not settings.webhook_secret:
+        raise ApiError(
+            422,
+            "webhooks_disabled",
+            "This server has no SLIMFORGE_WEBHOOK_SECRET, so it cannot sign webhooks; omit webhook_url.",
+        )
     if isinstance(body.calibration, DatasetCalibration):
         _tenant_dataset(session, tenant_id, body.calibration.dataset_id)
     spec = body.model_dump(mode="json")

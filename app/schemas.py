@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
 from app.models import Job
 
@@ -39,6 +39,7 @@ class JobCreate(Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="method options (see GET /v1/methods)")
     evaluation: dict[str, Any] | None = Field(None, description="what to evaluate before and after pruning")
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    webhook_url: AnyHttpUrl | None = Field(None, description="POSTed the job JSON, signed, when it ends")
 
 
 class JobError(BaseModel):

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir")
     broker_url: str | None = Field(default=None, description="Celery broker; default filesystem queue in data_dir")
     bootstrap_key: str | None = Field(default=None, description="first API key, valid for the default tenant")
+    webhook_secret: str | None = Field(default=None, description="HMAC secret signing job webhooks")
     # Local model directories a job may name; colon-separated in the environment.
     allowed_model_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     # Where evaluation texts and zero-shot sets live (wikitext2-valid.txt, eval/...).

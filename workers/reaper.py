@@ -19,6 +19,7 @@ from app.db import session_scope
 from app.jobs_service import add_event
 from app.models import Job, utcnow
 from app.settings import Settings
+from app.webhooks import notify_terminal
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ def reap_once(sessions: sessionmaker[Session], settings: Settings, enqueue: Call
     """Handle every job with a stale heartbeat; returns the ids re-queued."""
     cutoff = utcnow() - timedelta(seconds=settings.heartbeat_timeout_seconds)
     requeued: list[str] = []
+    ended: list[str] = []
     with session_scope(sessions) as session:
         stale = session.scalars(
             select(Job).where(Job.status.in_(("running", "cancelling")), Job.heartbeat_at < cutoff)
@@ -59,6 +61,10 @@ def reap_once(sessions: sessionmaker[Session], settings: Settings, enqueue: Call
                 add_event(session, job.id, "status", message, stage=job.stage, data={"status": values["status"]})
                 if values["status"] == "queued":
                     requeued.append(job.id)
+                else:
+                    ended.append(job.id)
+    for job_id in ended:
+        notify_terminal(sessions, job_id, settings.webhook_secret)
     for job_id in requeued:  # enqueue only after the commit above
         try:
             enqueue(job_id)

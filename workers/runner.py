@@ -18,6 +18,7 @@ from app.db import session_scope
 from app.jobs_service import add_event
 from app.models import Artifact, ArtifactFile, Dataset, Job, new_id, utcnow
 from app.settings import Settings
+from app.webhooks import notify_terminal
 from workers.engine import pipeline
 from workers.engine.artifact import write_artifact
 from workers.engine.calibration import read_calibration_file, self_generated_batches, token_batches
@@ -80,6 +81,13 @@ def claim(sessions: sessionmaker[Session], job_id: str) -> int | None:
 
 def run_job(job_id: str, settings: Settings, sessions: sessionmaker[Session]) -> str | None:
     """Execute a job if it is ours to run; returns its terminal status (None when skipped)."""
+    status = _run_claimed(job_id, settings, sessions)
+    if status is not None:
+        notify_terminal(sessions, job_id, settings.webhook_secret)
+    return status
+
+
+def _run_claimed(job_id: str, settings: Settings, sessions: sessionmaker[Session]) -> str | None:
     attempt = claim(sessions, job_id)
     if attempt is None:
         log.info("job %s not claimed (not queued)", job_id)

@@ -18,6 +18,7 @@ from app.errors import ApiError
 from app.jobs_service import add_event, create_job, tenant_job, validate_job
 from app.models import JOB_STATUSES, TERMINAL_STATUSES, Job, JobEvent, utcnow
 from app.schemas import EventOut, JobCreate, JobOut, JobPage
+from app.webhooks import notify_terminal
 from workers.engine.modelzoo import BUILTIN_PREFIX, resolve_checkpoint
 from workers.engine.pipeline import plan
 
@@ -129,7 +130,7 @@ def list_jobs(
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
+def cancel_job(job_id: str, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> JobOut:
     """Cooperative and idempotent: a queued job never starts, a running one stops at its next step."""
     job = tenant_job(session, tenant, job_id)
     now = utcnow()
@@ -141,6 +142,8 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
         ).rowcount
         if changed:
             add_event(session, job.id, "status", "job cancelled before it started", data={"status": "cancelled"})
+            session.commit()
+            notify_terminal(services.sessions, job.id, services.settings.webhook_secret)
     elif job.status == "running":
         changed = session.execute(
             update(Job).where(Job.id == job.id, Job.status == "running").values(status="cancelling")

@@ -102,3 +102,41 @@ def test_cancel_while_running_publishes_nothing(api: Api, model_root: Path) -> N
     # A worker that claims it now finds it not queued and does nothing.
     assert run_job(job["id"], api.settings, sessions) is None
     assert not any(api.settings.artifacts_dir.iterdir())
+
+
+def test_terminal_state_is_posted_to_a_signed_webhook(api: Api, model_root: Path) -> None:
+    import http.server
+    import threading
+
+    from app.webhooks import SIGNATURE_HEADER, verify
+
+    received: list[tuple[str, bytes]] = []
+    done = threading.Event()
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers["content-length"]))
+            received.append((self.headers[SIGNATURE_HEADER], body))
+            self.send_response(204)
+            self.end_headers()
+            done.set()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/hook"
+        assert_problem(api.post("/v1/jobs", json=tiny_job(model_root, webhook_url=url)), 422, "webhooks_disabled")
+        api.settings.webhook_secret = "s3cret"
+        job = api.post("/v1/jobs", json=tiny_job(model_root, webhook_url=url)).json()
+        assert run_job(job["id"], api.settings, api.client.app.state.services.sessions) == "succeeded"
+        assert done.wait(30)
+    finally:
+        server.shutdown()
+    signature, body = received[0]
+    assert verify("s3cret", signature, body) and not verify("wrong", signature, body)
+    payload = json.loads(body)
+    assert payload["event"] == "job.succeeded" and payload["job"]["id"] == job["id"]
+    assert payload["job"]["artifact_id"]
