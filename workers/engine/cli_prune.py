@@ -44,11 +44,8 @@ def _option_fields() -> dict[str, Any]:
 
 
 def _is_bool(annotation: Any) -> bool:
-    return annotation is bool or (
-        typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None))
-        and bool in typing.get_args(annotation)
-        and len([a for a in typing.get_args(annotation) if a is not type(None)]) == 1
-    )
+    """bool or Optional[bool]."""
+    return annotation is bool or set(typing.get_args(annotation)) == {bool, type(None)}
 
 
 def _is_list(annotation: Any) -> bool:
