@@ -26,9 +26,7 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def write_artifact(
-    outcome: PruneOutcome, tokenizer: Any, out_dir: Path, *, model_id: str
-) -> list[dict[str, Any]]:
+def write_artifact(outcome: PruneOutcome, tokenizer: Any, out_dir: Path, *, model_id: str) -> list[dict[str, Any]]:
     """Write the artifact into `out_dir` (created if needed); return its files with size and sha256."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if outcome.save_model is not None:

@@ -30,9 +30,7 @@ def read_calibration_file(path: Path) -> list[str]:
     return [raw]
 
 
-def token_batches(
-    tokenizer: Any, texts: list[str], n_samples: int, seq_len: int, seed: int = 0
-) -> torch.Tensor:
+def token_batches(tokenizer: Any, texts: list[str], n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """Tokenise `texts` as one stream and draw `n_samples` windows of `seq_len` tokens.
 
     Windows start at seeded random offsets (non-overlapping where the stream is long enough), so

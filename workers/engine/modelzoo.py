@@ -95,7 +95,7 @@ def check_model_id(model_id: str, allowed_roots: list[Path] | None = None) -> st
     if not model_id or len(model_id) > 512:
         raise EngineError("invalid_model", "Model id must be a non-empty string of at most 512 characters.")
     if is_builtin(model_id):
-        name = model_id[len(BUILTIN_PREFIX):]
+        name = model_id[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_MODELS:
             known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
             raise EngineError("unknown_model", f"Unknown built-in model {model_id!r}. Built-in models: {known}.")
@@ -124,9 +124,7 @@ def resolve_local_dir(path: str, allowed_roots: list[Path]) -> Path:
     roots = [Path(r).expanduser().resolve() for r in allowed_roots]
     if not any(real == root or root in real.parents for root in roots):
         allowed = ", ".join(str(r) for r in roots) or "none configured (set SLIMFORGE_ALLOWED_MODEL_ROOTS)"
-        raise EngineError(
-            "path_not_allowed", f"Local model path {path!r} is outside the allowed roots: {allowed}."
-        )
+        raise EngineError("path_not_allowed", f"Local model path {path!r} is outside the allowed roots: {allowed}.")
     if not (real / "config.json").is_file():
         raise EngineError("unknown_model", f"Local model directory {path!r} has no config.json.")
     return real
@@ -145,9 +143,7 @@ def builtin_checkpoint(name: str, cache_dir: Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         # A GGUF-loaded model refuses save_pretrained while it still carries its quantizer marker.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -177,7 +173,7 @@ def resolve_checkpoint(
     """Turn a model id into something `from_pretrained` accepts (a directory or a hub id)."""
     kind = check_model_id(model_id, allowed_roots)
     if kind == "builtin":
-        return builtin_checkpoint(model_id[len(BUILTIN_PREFIX):], cache_dir)
+        return builtin_checkpoint(model_id[len(BUILTIN_PREFIX) :], cache_dir)
     if kind == "local":
         return resolve_local_dir(model_id, allowed_roots or [])
     return model_id

@@ -1,0 +1,309 @@
+"""Benchmark of the layer pruners: GradMAP (+/- compensation) against ShortGPT (+/- compensation),
+SLEB, Taylor+ and random, on the built-in SmolLM2-135M and Gemma-3-270M.
+
+Protocol (same for every method):
+- calibration: `--calib-samples` x `--calib-len` token windows drawn (seed 0) from the first half of
+  wikitext2-valid.txt; evaluation text is taken from the second half, so the two never overlap;
+- perplexity on `--ppl-tokens` held-out WikiText-2 tokens and `--ptb-tokens` PTB test tokens in
+  non-overlapping `--seq-len` segments (workers.engine.evaluation.perplexity);
+- zero-shot acc/acc_norm on a fixed seeded subset (`--zs-limit` items) of `--zs-tasks`
+  (workers.engine.evaluation.zero_shot);
+- every selector runs once through `workers.engine.pipeline.prune` at the largest ratio (its report
+  gives pruning wall time, peak RSS, passes). All selectors here are greedy/prefix-consistent
+  (iterative ones decide one layer at a time from the previous state; one-shot ones remove the k
+  lowest of one scoring), so the removal set at a smaller ratio is the prefix of the removal order:
+  exactly what a separate run at that ratio would choose. Compensation depends on the final set, so
+  it is fitted per ratio with the engine's own `measure_shift` + `compensate` (the code path
+  `run_layer_method` uses).
+
+Usage:
+    python bench/layer_pruning.py run --model smollm2-135m --out docs/benchmarks/layer-pruning-smollm2.json
+    python bench/layer_pruning.py report docs/benchmarks/layer-pruning-*.json --plot-dir docs/benchmarks
+Results are written after every evaluation, and a rerun skips entries already in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from workers.engine.calibration import token_batches  # noqa: E402
+from workers.engine.compensation import compensate, measure_shift  # noqa: E402
+from workers.engine.evaluation import perplexity, zero_shot  # noqa: E402
+from workers.engine.layers import remove_layers  # noqa: E402
+from workers.engine.modelzoo import builtin_checkpoint  # noqa: E402
+from workers.engine.pipeline import prune  # noqa: E402
+from workers.engine.registry import get_method, parse_options  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data"
+SELECTORS = ["gradmap", "shortgpt", "sleb", "taylor_plus", "random"]
+COMPENSATED = {"gradmap", "shortgpt"}  # also evaluated with compensation on
+
+
+def load(checkpoint: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+def removal_order(report: dict[str, Any]) -> list[int]:
+    """Order in which the selector removed layers (decisions are recorded in that order)."""
+    return [d["chosen"] for d in report["decisions"]]
+
+
+def evaluate(model, tokenizer, data: dict[str, Any], args, zero_shot_on: bool = True) -> dict[str, Any]:
+    started = time.perf_counter()
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        out["wikitext2_ppl"] = perplexity(model, data["wiki"], seq_len=args.seq_len, batch_size=8)["ppl"]
+        out["ptb_ppl"] = perplexity(model, data["ptb"], seq_len=args.seq_len, batch_size=8)["ppl"]
+    if args.zs_limit > 0 and zero_shot_on:
+        tasks = zero_shot(model, tokenizer, args.zs_tasks, DATA / "eval", limit=args.zs_limit, seed=0)
+        out["zero_shot"] = {t: {"acc": r["acc"], "acc_norm": r["acc_norm"], "n": r["n"]} for t, r in tasks.items()}
+        out["zero_shot_avg_acc"] = sum(r["acc"] for r in tasks.values()) / len(tasks)
+    out["eval_seconds"] = round(time.perf_counter() - started, 1)
+    return out
+
+
+def prepare_data(tokenizer, args) -> dict[str, Any]:
+    text = (DATA / "wikitext2-valid.txt").read_text(encoding="utf-8")
+    half = len(text) // 2
+    calibration = token_batches(tokenizer, [text[:half]], args.calib_samples, args.calib_len, seed=0)
+    wiki = torch.tensor(tokenizer(text[half:], add_special_tokens=False)["input_ids"][: args.ppl_tokens])
+    ptb_text = (DATA / "eval" / "ptb" / "ptb.test.txt").read_text(encoding="utf-8")
+    ptb = torch.tensor(tokenizer(ptb_text, add_special_tokens=False)["input_ids"][: args.ptb_tokens])
+    return {"calibration": calibration, "wiki": wiki, "ptb": ptb}
+
+
+def save(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def run(args) -> None:
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    checkpoint = builtin_checkpoint(args.model, REPO / ".slimforge" / "models")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    data = prepare_data(tokenizer, args)
+    out_path = Path(args.out)
+    results: dict[str, Any] = json.loads(out_path.read_text()) if out_path.exists() else {}
+    results.setdefault("model", args.model)
+    results["setup"] = {
+        "calibration": f"{args.calib_samples}x{args.calib_len} tokens, first half of wikitext2-valid.txt, seed 0",
+        "wikitext2_eval_tokens": int(data["wiki"].numel()),
+        "ptb_eval_tokens": int(data["ptb"].numel()),
+        "seq_len": args.seq_len,
+        "zero_shot_tasks": args.zs_tasks,
+        "zero_shot_limit": args.zs_limit,
+        "ratios": args.ratios,
+        "torch_threads": torch.get_num_threads(),
+    }
+    runs = results.setdefault("runs", {})
+    evals = results.setdefault("evals", {})
+    n_layers = load(checkpoint).config.num_hidden_layers
+    results["n_layers"] = n_layers
+
+    if "dense" not in evals:
+        print("evaluating dense model", flush=True)
+        evals["dense"] = evaluate(load(checkpoint), tokenizer, data, args)
+        save(out_path, results)
+
+    max_ratio = max(args.ratios)
+    ratios = sorted(args.ratios, key=lambda r: abs(r - args.first_ratio))  # most informative ratio first
+
+    def run_for(selector: str, k: int) -> dict[str, Any] | None:
+        """A recorded selection of `selector` that removed at least k layers (its order's prefix is the answer)."""
+        found = [r for key, r in runs.items() if key.rsplit("@", 1)[0] == selector and r["k"] >= k]
+        return min(found, key=lambda r: r["k"]) if found else None
+
+    def select(selector: str, k: int) -> dict[str, Any]:
+        existing = run_for(selector, k)
+        if existing is not None:
+            return existing
+        base = selector.split("[")[0]
+        print(f"selecting with {selector} at {max_ratio}", flush=True)
+        model = load(checkpoint)
+        options = {"compensation": False, **args.options.get(selector, {})}
+        outcome = prune(model, data["calibration"], method=base, target_sparsity=max_ratio, options=options)
+        report = outcome.report
+        runs[f"{selector}@{report['k']}"] = entry = {
+            "selector": selector,
+            "removal_order": removal_order(report),
+            "pruning_seconds": report["pruning_seconds"],
+            "timings": report["timings"],
+            "peak_memory": report["peak_memory"],
+            "forward_passes": report["forward_passes"],
+            "backward_passes": report["backward_passes"],
+            "decision_seconds": [d.get("seconds") for d in report["decisions"]],
+            "options": report["options"],
+            "k": report["k"],
+        }
+        save(out_path, results)
+        return entry
+
+    def evaluate_removal(selector: str, ratio: float, comp: dict[str, Any] | None, tag: str = "") -> None:
+        k = math.floor(ratio * n_layers + 0.5)
+        key = f"{selector}{'+comp' if comp is not None else ''}{tag}@{k}"
+        if key in evals:
+            return
+        removed = sorted(select(selector, k)["removal_order"][:k])
+        print(f"evaluating {key}: remove {removed}", flush=True)
+        model = load(checkpoint)
+        entry: dict[str, Any] = {
+            "method": selector, "compensation": comp is not None, "k": k, "removed_layers": removed, "tag": tag,
+        }
+        if comp is not None:
+            keep = [i for i in range(n_layers) if i not in set(removed)]
+            opts = parse_options(get_method(selector.split("[")[0]), {"compensation": True, **comp})
+            started = time.perf_counter()
+            shifts = measure_shift(model, keep, data["calibration"], opts.micro_batch_size)
+            entry["compensation_report"] = compensate(
+                model, keep, data["calibration"], opts.compensation_config(), shifts=shifts
+            )
+            entry["compensation_options"] = comp
+            entry["compensation_seconds"] = round(time.perf_counter() - started, 2)
+        remove_layers(model, removed)
+        with_zero_shot = any(abs(ratio - r) < 1e-9 for r in args.zs_ratios) and (
+            not args.zs_methods or f"{selector}{'+comp' if comp is not None else ''}" in args.zs_methods
+        ) and not tag
+        entry.update(evaluate(model, tokenizer, data, args, zero_shot_on=with_zero_shot))
+        evals[key] = entry
+        save(out_path, results)
+
+    # Priority order, so a run cut short still answers the main questions: every method at the
+    # first ratio, then the other ratios, then extra variants.
+    for ratio in ratios:
+        for selector in args.methods:
+            evaluate_removal(selector, ratio, None)
+            if selector in COMPENSATED:
+                evaluate_removal(selector, ratio, {})
+    for name, comp in args.comp_variants.items():
+        evaluate_removal("gradmap", args.first_ratio, comp, tag=f"[{name}]")
+    for selector in args.extra_selectors:
+        evaluate_removal(selector, args.first_ratio, None)
+    print("done", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report: tables for the doc and PNG plots
+
+
+def label(entry: dict[str, Any]) -> str:
+    return entry["method"] + (" + comp" if entry["compensation"] else "") + entry.get("tag", "")
+
+
+def report(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = [json.loads(Path(p).read_text()) for p in args.inputs]
+    plot_dir = Path(args.plot_dir)
+    plot_dir.mkdir(parents=True, exist_ok=True)
+
+    fig, axes = plt.subplots(1, len(files), figsize=(6 * len(files), 4.5), squeeze=False)
+    for ax, res in zip(axes[0], files, strict=True):
+        series: dict[str, list[tuple[int, float]]] = {}
+        for key, entry in res["evals"].items():
+            if key == "dense":
+                continue
+            series.setdefault(label(entry), []).append((entry["k"], entry["wikitext2_ppl"]))
+        for name, points in sorted(series.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name,
+                    linestyle="-" if "gradmap" in name else "--")
+        ax.axhline(res["evals"]["dense"]["wikitext2_ppl"], color="gray", linewidth=0.8, label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"layers removed (of {res['n_layers']})")
+        ax.set_ylabel("WikiText-2 perplexity (held-out, log scale)")
+        ax.set_title(res["model"])
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(plot_dir / "layer-pruning-ppl.png", dpi=120)
+
+    fig, axes = plt.subplots(1, len(files), figsize=(6 * len(files), 4), squeeze=False)
+    for ax, res in zip(axes[0], files, strict=True):
+        k = max(r["k"] for r in res["runs"].values())
+        chosen = {r["selector"]: r for r in res["runs"].values() if r["k"] == k and r["selector"] in SELECTORS}
+        names = [m for m in SELECTORS if m in chosen]
+        seconds = [chosen[m]["pruning_seconds"] for m in names]
+        ax.bar(names, seconds, color=["tab:red" if m == "gradmap" else "tab:blue" for m in names])
+        ax.set_ylabel(f"pruning wall time, s (k={k}, no compensation)")
+        ax.set_title(res["model"])
+    fig.tight_layout()
+    fig.savefig(plot_dir / "layer-pruning-time.png", dpi=120)
+
+    for res in files:
+        print(f"\n### {res['model']} ({res['n_layers']} layers)\n")
+        dense = res["evals"]["dense"]
+        has_zs = "zero_shot_avg_acc" in dense
+        head = "| method | k | removed layers | wiki ppl | PTB ppl |" + (" zero-shot avg acc |" if has_zs else "")
+        print(head)
+        print("|" + "---|" * (head.count("|") - 1))
+        zs = f" {dense['zero_shot_avg_acc']:.3f} |" if has_zs else ""
+        print(f"| dense | 0 | - | {dense['wikitext2_ppl']:.2f} | {dense['ptb_ppl']:.2f} |{zs}")
+        rows = sorted(
+            (e for k, e in res["evals"].items() if k != "dense"), key=lambda e: (e["k"], e["wikitext2_ppl"])
+        )
+        for e in rows:
+            comp = ""
+            if e["compensation"]:
+                c = e["compensation_report"]
+                comp = f" (comp {'kept' if c['kept'] else 'rejected'} @L{c.get('layers')})"
+            zs = f" {e['zero_shot_avg_acc']:.3f} |" if has_zs else ""
+            print(f"| {label(e)}{comp} | {e['k']} | {e['removed_layers']} | {e['wikitext2_ppl']:.2f} | "
+                  f"{e['ptb_ppl']:.2f} |{zs}")
+        print("\n| selector | k | pruning s | scoring s | fwd passes | bwd passes | peak RSS MiB |")
+        print("|---|---|---|---|---|---|---|")
+        for r in sorted(res["runs"].values(), key=lambda r: (r["k"], r["selector"])):
+            print(f"| {r['selector']} | {r['k']} | {r['pruning_seconds']:.1f} | {r['timings']['scoring']:.1f} | "
+                  f"{r['forward_passes']} | {r['backward_passes']} | {r['peak_memory']['peak_rss_mib']:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "gemma3-270m"])
+    r.add_argument("--out", required=True)
+    r.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
+    r.add_argument("--methods", nargs="+", default=SELECTORS)
+    r.add_argument("--calib-samples", type=int, default=8)
+    r.add_argument("--calib-len", type=int, default=128)
+    r.add_argument("--ppl-tokens", type=int, default=16384)
+    r.add_argument("--ptb-tokens", type=int, default=8192)
+    r.add_argument("--seq-len", type=int, default=256)
+    r.add_argument("--zs-tasks", type=lambda s: s.split(","), default=["arc_easy", "piqa", "winogrande", "hellaswag"])
+    r.add_argument("--zs-limit", type=int, default=50)
+    r.add_argument("--zs-ratios", type=float, nargs="*", default=[0.2], help="ratios that also get zero-shot")
+    r.add_argument("--zs-methods", nargs="*", default=[], help="only these (e.g. gradmap+comp sleb) get zero-shot")
+    r.add_argument("--first-ratio", type=float, default=0.2)
+    r.add_argument("--comp-variants", type=json.loads, default={}, help='{"name": {compensation options}}')
+    r.add_argument("--extra-selectors", nargs="*", default=[], help="e.g. gradmap[influence] (options via --options)")
+    r.add_argument(
+        "--options", type=json.loads, default={}, help='per-selector options, JSON: {"sleb": {"scoring_samples": 4}}'
+    )
+    p = sub.add_parser("report")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--plot-dir", default=str(REPO / "docs" / "benchmarks"))
+    args = parser.parse_args()
+    run(args) if args.command == "run" else report(args)
+
+
+if __name__ == "__main__":
+    main()

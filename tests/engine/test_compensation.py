@@ -1,0 +1,151 @@
+"""Projection compensation: the solver, the merge, capture on real blocks, validation/rollback."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from workers.engine.compensation import (
+    CompensationConfig,
+    apply_writer,
+    capture_pruned,
+    choose_placements,
+    compensate,
+    find_writer,
+    fit_projection,
+    measure_shift,
+    merge_projection,
+    ridge_projection,
+    target_index,
+)
+from workers.engine.layers import remove_layers
+from workers.engine.pipeline import prune
+
+
+def _ids(n: int = 8, length: int = 24, seed: int = 3) -> torch.Tensor:
+    return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _near_identity(d: int, seed: int = 0, scale: float = 0.2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.eye(d) + scale * torch.randn(d, d, generator=g) / d**0.5
+
+
+def test_ridge_recovers_exact_linear_map():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 16, generator=g)
+    a = _near_identity(16)
+    p = ridge_projection(x, x @ a, ridge=0.0)
+    assert torch.allclose(p, a, atol=1e-4)
+    # A strong ridge pulls the solution towards the identity.
+    shrunk = ridge_projection(x, x @ a, ridge=100.0)
+    assert (shrunk - torch.eye(16)).norm() < 0.1 * (a - torch.eye(16)).norm()
+
+
+def test_post_norm_fit_is_refined_towards_exact(tiny_gemma3):
+    block = tiny_gemma3.model.layers[0]
+    _, post_norm, _ = find_writer(block)
+    assert post_norm is not None  # Gemma's sandwich norm follows down_proj
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(256, 64, generator=g)
+    residual = torch.randn(256, 64, generator=g)
+    a = _near_identity(64, seed=2)
+    with torch.no_grad():
+        target = residual + apply_writer(z, a, post_norm)
+        start = (residual + apply_writer(z, torch.eye(64), post_norm) - target).pow(2).mean()
+        closed = fit_projection(z, residual, target, post_norm, ridge=0.0)
+        closed_err = (residual + apply_writer(z, closed, post_norm) - target).pow(2).mean()
+    refined = fit_projection(z, residual, target, post_norm, ridge=0.0, refine_steps=100, refine_lr=1e-3)
+    with torch.no_grad():
+        refined_err = (residual + apply_writer(z, refined, post_norm) - target).pow(2).mean()
+    assert closed_err < 0.2 * start
+    assert refined_err <= closed_err
+
+
+def test_merge_projection_into_linear_is_exact():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 16, bias=True)
+    x = torch.randn(10, 32)
+    p = _near_identity(16)
+    expected = linear(x) @ p
+    merge_projection(linear, p)
+    assert torch.allclose(linear(x), expected, atol=1e-5)
+
+
+def test_capture_fit_merge_recovers_exact_linear_drift(tiny_llama):
+    """A drift that is exactly linear in the writer's output is removed exactly, through real blocks."""
+    model = tiny_llama
+    ids = _ids()
+    keep = [0, 2, 3]
+    position = 1  # kept layer 2, right after the removed layer 1
+    z, residual = capture_pruned(model, keep, position, ids, 4, 10_000, lambda: None)
+    a = _near_identity(64, seed=5)
+    target = residual + z @ a  # what the block should output: an exact linear drift of its writer
+    p = fit_projection(z, residual, target, None, ridge=0.0)
+    assert torch.allclose(p, a, atol=1e-3)
+    writer, _, _ = find_writer(model.model.layers[2])
+    merge_projection(writer, p)
+    z2, residual2 = capture_pruned(model, keep, position, ids, 4, 10_000, lambda: None)
+    out = residual2 + z2
+    assert torch.allclose(residual2, residual, atol=1e-4)
+    assert (out - target).pow(2).mean() < 1e-8 * target.pow(2).mean() + 1e-8
+
+
+def test_placements_and_targets():
+    shifts = [{"position": p, "layer": layer, "shift": s, "abs_shift": s}
+              for p, (layer, s) in enumerate(zip([0, 3, 4, 7], [0.0, 0.5, 0.2, 0.9], strict=True))]
+    keep = [0, 3, 4, 7]  # removed: 1-2 and 5-6, n = 8
+    assert choose_placements(keep, 8, shifts, "after_cut", 4) == [1, 3]
+    assert choose_placements(keep, 8, shifts, "before_cut", 4) == [0, 2]
+    assert choose_placements(keep, 8, shifts, "after_cut", 1) == [3]  # the larger relative shift
+    assert choose_placements(keep, 8, shifts, "max_relative_shift", 1) == [3]
+    assert target_index(keep, 1, 8) == 3  # after_cut: its own original output
+    assert target_index(keep, 0, 8) == 2  # before_cut: absorbs removed 1-2
+    assert target_index([0, 1], 1, 4) == 3  # trailing cut: the last original layer
+
+
+def test_measure_shift_is_zero_before_first_cut(tiny_llama):
+    rows = measure_shift(tiny_llama, [0, 1, 3], _ids(4), 2)
+    assert [r["layer"] for r in rows] == [0, 1, 3]
+    assert rows[0]["shift"] == 0.0 and rows[1]["shift"] == 0.0
+    assert rows[2]["shift"] > 0.0 and rows[2]["hidden_norm"] > 0.0
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma3"])
+def test_compensate_reports_and_rolls_back(fixture, request):
+    model = request.getfixturevalue(fixture)
+    ids = _ids()
+    keep = [0, 2, 3]
+    reference = copy.deepcopy(model)
+    remove_layers(reference, [1])
+    plain = reference(input_ids=ids).logits
+
+    config = CompensationConfig(min_improvement=0.99, refine_steps=5)  # impossible bar: must roll back
+    report = compensate(model, keep, ids, config)
+    json.dumps(report)
+    assert report["kept"] is False
+    assert report["layers"] == [] and report["tried_layers"] == [2]
+    assert report["projections"][0]["kept"] is False
+    assert report["mse_after"] < report["mse_before"]
+    assert {"heldout_mse_before", "heldout_mse_after", "heldout_loss_before", "heldout_loss_after"} <= set(report)
+    remove_layers(model, [1])
+    assert torch.equal(model(input_ids=ids).logits, plain)  # weights restored bit for bit
+
+
+def test_compensation_decision_follows_heldout_loss(tiny_llama):
+    ids = _ids(8)
+    report = compensate(tiny_llama, [0, 2, 3], ids, CompensationConfig())
+    assert report["kept"] == (report["heldout_loss_after"] < report["heldout_loss_before"])
+    assert report["kept"] == report["projections"][0]["kept"]
+    assert report["fit_samples"] == 6 and report["heldout_samples"] == 2
+
+
+def test_compensation_on_top_of_any_selector(tiny_llama):
+    outcome = prune(tiny_llama, _ids(8), method="last_k", target_sparsity=0.25, options={"compensation": True})
+    comp = outcome.report["compensation"]
+    assert comp["enabled"] is True
+    assert comp["tried_layers"] == [2]  # trailing cut: the last kept layer absorbs it
+    assert "compensating" in outcome.report["timings"]

@@ -1,0 +1,185 @@
+"""Gradient-based layer scores from one forward+backward of the calibration batch.
+
+Two families:
+- residual scores: only activations need gradients (no weight gradients at all). With g = dL/dh_out
+  and delta = h_out - h_in the block's residual contribution, removing the block moves the stream
+  by -delta, so -g . delta is the first-order loss change of the removal.
+- weight scores: gradients only on the decoder blocks' weights (never embeddings / LM head).
+
+The calibration batch is processed in micro-batches (the loss of each is weighted by its token
+share, so the gradients equal those of the whole batch); scores accumulate in fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import nn
+
+from workers.engine.hidden import BlockIO, forward_ids, micro_batches
+from workers.engine.layers import find_layers
+
+ResidualScore = Literal[
+    "residual", "residual_signed", "residual_sum_abs", "grad_delta_norm", "residual_relative", "grad_influence",
+    "fwd_bwd_influence",
+]
+WeightScore = Literal["grad_mean", "taylor", "taylor_sum"]
+RESIDUAL_SCORES = (
+    "residual", "residual_signed", "residual_sum_abs", "grad_delta_norm", "residual_relative", "grad_influence",
+    "fwd_bwd_influence",
+)
+WEIGHT_SCORES = ("grad_mean", "taylor", "taylor_sum")
+
+
+@contextmanager
+def gradients_only_on(model: nn.Module, params: list[nn.Parameter]):
+    """Temporarily let only `params` require gradients; restore every flag afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    chosen = {id(p) for p in params}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in chosen)
+            p.grad = None
+        yield
+    finally:
+        for p, flag in flags:
+            p.grad = None
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def embeddings_require_grad(model: nn.Module):
+    """Make the embedding output a leaf that requires grad, so activations get gradients even when
+    no parameter does."""
+    embedding = model.get_input_embeddings()
+    handle = embedding.register_forward_hook(lambda module, args, out: out.detach().requires_grad_(True))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return 1.0 - torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+
+def _reduce_residual(
+    kind: str, g: torch.Tensor, delta: torch.Tensor, h_in: torch.Tensor, g_in: torch.Tensor | None
+) -> float:
+    """One block's contribution to its score for one micro-batch (tokens as rows, fp32)."""
+    if kind in ("grad_influence", "fwd_bwd_influence"):
+        # How much the block turns the gradient flowing back through it (the backward twin of
+        # ShortGPT's 1 - cos(h_in, h_out)); fwd_bwd adds the forward term itself.
+        assert g_in is not None
+        score = _cosine_distance(g_in, g)
+        if kind == "fwd_bwd_influence":
+            score = score + _cosine_distance(h_in, h_in + delta)
+        return float(score.sum())
+    dot = (g * delta).sum(dim=-1)
+    if kind == "residual":
+        return float(dot.abs().sum())
+    if kind == "residual_signed":
+        return float((-dot).sum())
+    if kind == "residual_sum_abs":
+        return float(dot.sum())  # absolute value taken after summing over all micro-batches
+    if kind == "grad_delta_norm":
+        return float((g.norm(dim=-1) * delta.norm(dim=-1)).sum())
+    if kind == "residual_relative":
+        # First-order change relative to the stream size, so late (large-norm) layers are comparable.
+        return float((dot.abs() * (delta.norm(dim=-1) / h_in.norm(dim=-1).clamp_min(1e-6))).sum())
+    raise ValueError(f"unknown residual score {kind!r}")
+
+
+def residual_scores(
+    model: nn.Module,
+    ids: torch.Tensor,
+    kind: str,
+    micro_batch_size: int,
+    check_cancel: Callable[[], None] = lambda: None,
+    on_backward: Callable[[], None] = lambda: None,
+) -> list[float]:
+    """Per block of the current model: a first-order estimate of the loss change of its removal."""
+    n_layers = len(find_layers(model).layers)
+    totals = [0.0] * n_layers
+    n_tokens = ids.shape[0] * (ids.shape[1] - 1)
+    with gradients_only_on(model, []), embeddings_require_grad(model):
+        for batch in micro_batches(ids, micro_batch_size):
+            check_cancel()
+            with BlockIO(model, keep_graph=True) as io:
+                out = forward_ids(model, batch, labels=True)
+                share = batch.shape[0] * (batch.shape[1] - 1) / n_tokens
+                (out.loss.float() * share).backward()
+                on_backward()
+            for i in range(n_layers):
+                h_out = io.outputs[i]
+                h_in = io.inputs[i].detach().float()
+                g = h_out.grad.float()
+                delta = h_out.detach().float() - h_in
+                d = delta.shape[-1]
+                grad_in = io.inputs[i].grad
+                g_in = None if grad_in is None else grad_in.float().reshape(-1, d)
+                totals[i] += _reduce_residual(
+                    kind, g.reshape(-1, d), delta.reshape(-1, d), h_in.reshape(-1, d), g_in
+                )
+            del io, out
+    if kind == "residual_sum_abs":
+        totals = [abs(t) for t in totals]
+    positions = ids.numel()
+    return [t / positions for t in totals]  # per-token means: readable, same ranking
+
+
+def block_weights(block: nn.Module) -> list[nn.Parameter]:
+    """The matrices of a block (norm vectors and biases excluded: they are tiny and scale-like)."""
+    return [p for p in block.parameters() if p.ndim >= 2]
+
+
+def weight_scores(
+    model: nn.Module,
+    ids: torch.Tensor,
+    kind: str,
+    micro_batch_size: int,
+    check_cancel: Callable[[], None] = lambda: None,
+    on_backward: Callable[[], None] = lambda: None,
+) -> list[float]:
+    """Per block: mean |dL/dW| (`grad_mean`), mean |W * dL/dW| (`taylor`) or its sum (`taylor_sum`)."""
+    layers = find_layers(model).layers
+    per_block = [block_weights(block) for block in layers]
+    params = [p for block in per_block for p in block]
+    n_tokens = ids.shape[0] * (ids.shape[1] - 1)
+    with gradients_only_on(model, params):
+        for batch in micro_batches(ids, micro_batch_size):
+            check_cancel()
+            out = forward_ids(model, batch, labels=True)
+            share = batch.shape[0] * (batch.shape[1] - 1) / n_tokens
+            (out.loss.float() * share).backward()
+            on_backward()
+            del out
+        scores = []
+        for block in per_block:
+            total = 0.0
+            count = 0
+            for p in block:
+                grad = p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+                value = grad.abs() if kind == "grad_mean" else (grad * p.detach().float()).abs()
+                total += float(value.sum())
+                count += p.numel()
+            scores.append(total if kind == "taylor_sum" else total / max(count, 1))
+    return scores
+
+
+def gradient_scores(
+    model: nn.Module,
+    ids: torch.Tensor,
+    kind: str,
+    micro_batch_size: int,
+    check_cancel: Callable[[], None] = lambda: None,
+    on_backward: Callable[[], None] = lambda: None,
+) -> list[float]:
+    if kind in RESIDUAL_SCORES:
+        return residual_scores(model, ids, kind, micro_batch_size, check_cancel, on_backward)
+    if kind in WEIGHT_SCORES:
+        return weight_scores(model, ids, kind, micro_batch_size, check_cancel, on_backward)
+    raise ValueError(f"unknown gradient score {kind!r}")

@@ -1,0 +1,1 @@
+"""Structured width pruning (LLM-Pruner): coupled groups, importance, slicing, export, LoRA recovery."""
