@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +26,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 def slimforge_executable() -> str:
-    found = shutil.which("slimforge")
+    """The `slimforge` script of the running interpreter's environment (PATH may not include it)."""
+    beside = Path(sys.executable).parent / "slimforge"
+    found = str(beside) if beside.is_file() else shutil.which("slimforge")
     if found is None:
         raise RuntimeError("the slimforge command is not installed (pip install -e .)")
     return found
