@@ -92,6 +92,12 @@ def compare(args: argparse.Namespace) -> list[dict]:
         flat = _per_choice(model, pairs)
         t_plain = time.perf_counter() - t0
         flat_packed = [s for g in packed for s in g]
+        # How often length normalisation changes the chosen answer (acc vs acc_norm disagree).
+        flips = sum(
+            max(range(len(lls)), key=lambda i, lls=lls: lls[i])
+            != max(range(len(lls)), key=lambda i, lls=lls, item=item: lls[i] / item.norm_lengths[i])
+            for lls, item in zip(packed, items, strict=True)
+        )
         diff = max(abs(a - b) for a, b in zip(flat_packed, flat, strict=True))
         rows.append(
             {
@@ -101,6 +107,7 @@ def compare(args: argparse.Namespace) -> list[dict]:
                 "per_choice_s": round(t_plain, 2),
                 "speedup": round(t_plain / t_packed, 2),
                 "max_abs_loglik_diff": diff,
+                "acc_vs_acc_norm_choice_flips": flips,
             }
         )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

@@ -265,7 +265,7 @@ def report(args) -> None:
             if e["compensation"]:
                 c = e["compensation_report"]
                 comp = f" (comp {'kept' if c['kept'] else 'rejected'} @L{c.get('layers')})"
-            zs = f" {e['zero_shot_avg_acc']:.3f} |" if has_zs else ""
+            zs = (f" {e['zero_shot_avg_acc']:.3f} |" if "zero_shot_avg_acc" in e else " - |") if has_zs else ""
             print(f"| {label(e)}{comp} | {e['k']} | {e['removed_layers']} | {e['wikitext2_ppl']:.2f} | "
                   f"{e['ptb_ppl']:.2f} |{zs}")
         print("\n| selector | k | pruning s | scoring s | fwd passes | bwd passes | peak RSS MiB |")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from workers.engine.evaluation import perplexity
-from workers.engine.evaluation.scoring import Tokenized, _build_row, _score_plain, loglikelihoods, wants_bos
+from workers.engine.evaluation.scoring import Tokenized, _build_row, _score_plain, _signature, loglikelihoods, wants_bos
 from workers.engine.evaluation.tasks import MCItem, winogrande_item
 from workers.engine.evaluation.zero_shot import score_items
 
@@ -106,7 +106,7 @@ def test_packed_tree_scoring_equals_separate_forwards(fixture, request):
     if hasattr(model, "_slimforge_packed_ok"):
         del model._slimforge_packed_ok
     got = loglikelihoods(model, tok, groups, max_rows=2)
-    assert model._slimforge_packed_ok is True  # the packed path was used, not the fallback
+    assert model._slimforge_packed_ok[1] is True  # the packed path was used, not the fallback
     for group, scores in zip(groups, got, strict=True):
         for (context, continuation), score in zip(group, scores, strict=True):
             assert score == pytest.approx(_plain_loop_loglik(model, tok, context, continuation), abs=2e-4)
@@ -140,7 +140,7 @@ def test_winogrande_partial_scoring_builds_shared_suffix():
 
 def test_fallback_path_when_packing_disagrees(tiny_llama):
     tok = CharTokenizer()
-    tiny_llama._slimforge_packed_ok = False  # as if the self-check had failed
+    tiny_llama._slimforge_packed_ok = (_signature(tiny_llama), False)  # as if the self-check had failed
     groups = [[("hello there", " friend"), ("hello there", " foe")]]
     got = loglikelihoods(tiny_llama, tok, groups)
     pairs = Tokenized(tok, groups[0], add_bos=False).pairs
@@ -173,3 +173,9 @@ def test_perplexity_reports_progress_and_rejects_short_text(tiny_llama):
     assert [round(c[1], 2) for c in calls] == [0.75, 1.0] and calls[0][0] == "evaluating"
     with pytest.raises(EngineError):
         perplexity(tiny_llama, torch.arange(10), seq_len=16)
+
+
+def test_packing_verdict_is_rechecked_when_modules_change(tiny_llama):
+    tiny_llama._slimforge_packed_ok = (("SomeOtherModel",), False)  # stale verdict of another make-up
+    loglikelihoods(tiny_llama, CharTokenizer(), [[("abc", " d"), ("abc", " e")]])
+    assert tiny_llama._slimforge_packed_ok == (_signature(tiny_llama), True)

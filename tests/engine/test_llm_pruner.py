@@ -346,3 +346,13 @@ def test_gradient_and_fisher_match_per_sample_autograd(tiny_llama):
     torch.testing.assert_close(scores.mlp.float(), expected, rtol=1e-5, atol=1e-9)
     first = layer_scores(decoder_layers(tiny_llama)[1], geom, per_layer, "element1", "last", True, torch.Generator())
     assert not torch.equal(first.mlp, scores.mlp)
+
+
+def test_artifact_writer_ships_loader_and_card(tiny_llama, tmp_path):
+    from workers.engine.artifact import verify_checksums, write_artifact
+
+    outcome = run(tiny_llama, 0.15, layer_start=1, layer_end=3)
+    files = {f["path"] for f in write_artifact(outcome, None, tmp_path, model_id="tiny")}
+    assert {"config.json", "model.safetensors", "modeling_slimforge_width.py", "SHA256SUMS"} <= files
+    assert "trust_remote_code=True" in (tmp_path / "README.md").read_text()
+    assert verify_checksums(tmp_path) == []

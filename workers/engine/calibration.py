@@ -48,14 +48,26 @@ def token_batches(tokenizer: Any, texts: list[str], n_samples: int, seq_len: int
             "calibration_too_small",
             f"Calibration data has {stream.numel()} tokens; at least seq_len={seq_len} are needed.",
         )
+    # Tokenizers that start every text with BOS (Gemma) get BOS at the start of every window too:
+    # such models behave badly on text without it.
+    bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
+    text_len = seq_len - 1 if bos is not None else seq_len
     generator = torch.Generator().manual_seed(seed)
-    n_windows = stream.numel() // seq_len
+    n_windows = stream.numel() // text_len
     if n_windows >= n_samples:
         # Non-overlapping windows, chosen at random among all aligned windows.
-        starts = torch.randperm(n_windows, generator=generator)[:n_samples] * seq_len
+        starts = torch.randperm(n_windows, generator=generator)[:n_samples] * text_len
     else:
-        starts = torch.randint(0, stream.numel() - seq_len + 1, (n_samples,), generator=generator)
-    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+        starts = torch.randint(0, stream.numel() - text_len + 1, (n_samples,), generator=generator)
+    windows = torch.stack([stream[s : s + text_len] for s in starts.tolist()])
+    if bos is not None:
+        windows = torch.cat([torch.full((n_samples, 1), bos, dtype=torch.long), windows], dim=1)
+    return windows
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.engine.evaluation.modelio import model_device, split_model
+from workers.engine.evaluation.scoring import wants_bos
 from workers.engine.types import EngineError, ProgressFn, no_progress
 
 # Logits are materialised for at most this many positions at once (positions × vocab floats).
@@ -59,12 +60,18 @@ def perplexity(
         raise ValueError("input_ids must be a 1-D tensor of token ids")
     if seq_len < 2:
         raise ValueError("seq_len must be at least 2")
-    n_segments = input_ids.numel() // seq_len
+    # Gemma models degrade badly without BOS: their segments are BOS + (seq_len - 1) text tokens.
+    bos = getattr(model.config, "bos_token_id", None) if wants_bos(model) else None
+    text_len = seq_len - 1 if bos is not None else seq_len
+    n_segments = input_ids.numel() // text_len
     if n_segments == 0:
         raise EngineError(
             "text_too_short", f"Text has {input_ids.numel()} tokens, fewer than one segment of {seq_len}."
         )
-    segments = input_ids[: n_segments * seq_len].view(n_segments, seq_len).to(model_device(model))
+    segments = input_ids[: n_segments * text_len].view(n_segments, text_len)
+    if bos is not None:
+        segments = torch.cat([torch.full((n_segments, 1), bos, dtype=segments.dtype), segments], dim=1)
+    segments = segments.to(model_device(model))
     was_training = model.training
     model.eval()
     total_nll = 0.0

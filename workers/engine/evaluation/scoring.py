@@ -253,6 +253,12 @@ def _packed_agrees(model: torch.nn.Module, row: _Row, pairs: list[tuple[list[int
     return all(abs(a - b) <= tol * max(1.0, abs(b)) for a, b in zip(packed, plain, strict=True))
 
 
+def _signature(model: torch.nn.Module) -> tuple:
+    config = getattr(model, "config", None)
+    kinds = sorted({type(m).__name__ for m in model.modules()})
+    return (type(model).__name__, getattr(config, "_attn_implementation", None), tuple(kinds))
+
+
 def loglikelihoods(
     model: torch.nn.Module,
     tokenizer,
@@ -280,7 +286,11 @@ def loglikelihoods(
     was_training = model.training
     model.eval()
     try:
-        packed_ok = getattr(model, "_slimforge_packed_ok", None)
+        # The check's verdict is remembered per model instance and module make-up, so a model
+        # whose modules are swapped (e.g. by a pruning method) is checked again.
+        signature = _signature(model)
+        remembered = getattr(model, "_slimforge_packed_ok", None)
+        packed_ok = remembered[1] if isinstance(remembered, tuple) and remembered[0] == signature else None
         if not packing_supported(model):
             packed_ok = False
         elif packed_ok is None and rows:
@@ -289,7 +299,7 @@ def loglikelihoods(
             if not packed_ok:
                 log.warning("packed tree-attention scoring disagrees with a plain forward; using the slow path")
             try:
-                model._slimforge_packed_ok = packed_ok
+                model._slimforge_packed_ok = (signature, packed_ok)
             except AttributeError:
                 pass
         if packed_ok:
