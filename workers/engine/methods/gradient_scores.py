@@ -23,12 +23,22 @@ from workers.engine.hidden import BlockIO, forward_ids, micro_batches
 from workers.engine.layers import find_layers
 
 ResidualScore = Literal[
-    "residual", "residual_signed", "residual_sum_abs", "grad_delta_norm", "residual_relative", "grad_influence",
+    "residual",
+    "residual_signed",
+    "residual_sum_abs",
+    "grad_delta_norm",
+    "residual_relative",
+    "grad_influence",
     "fwd_bwd_influence",
 ]
 WeightScore = Literal["grad_mean", "taylor", "taylor_sum"]
 RESIDUAL_SCORES = (
-    "residual", "residual_signed", "residual_sum_abs", "grad_delta_norm", "residual_relative", "grad_influence",
+    "residual",
+    "residual_signed",
+    "residual_sum_abs",
+    "grad_delta_norm",
+    "residual_relative",
+    "grad_influence",
     "fwd_bwd_influence",
 )
 WEIGHT_SCORES = ("grad_mean", "taylor", "taylor_sum")
@@ -121,9 +131,7 @@ def residual_scores(
                 d = delta.shape[-1]
                 grad_in = io.inputs[i].grad
                 g_in = None if grad_in is None else grad_in.float().reshape(-1, d)
-                totals[i] += _reduce_residual(
-                    kind, g.reshape(-1, d), delta.reshape(-1, d), h_in.reshape(-1, d), g_in
-                )
+                totals[i] += _reduce_residual(kind, g.reshape(-1, d), delta.reshape(-1, d), h_in.reshape(-1, d), g_in)
             del io, out
     if kind == "residual_sum_abs":
         totals = [abs(t) for t in totals]

@@ -11,10 +11,9 @@ docs/benchmarks/layer-pruning.md).
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
-from transformers import PretrainedConfig
 
 from workers.engine.layers import layer_subset
 from workers.engine.methods.gradient_scores import gradient_scores
@@ -25,15 +24,19 @@ from workers.engine.methods.layer_common import (
     decision,
     one_shot_decisions,
     pick_lowest,
-    plan_layer_method,
-    run_layer_method,
+    register_layer_method,
 )
-from workers.engine.registry import Method, register
-from workers.engine.types import PruneContext, PruneOutcome, SparsityBasis
 
 GradMAPScore = Literal[
-    "residual_signed", "residual", "residual_sum_abs", "residual_relative", "grad_delta_norm",
-    "grad_influence", "fwd_bwd_influence", "grad_mean", "taylor",
+    "residual_signed",
+    "residual",
+    "residual_sum_abs",
+    "residual_relative",
+    "grad_delta_norm",
+    "grad_influence",
+    "fwd_bwd_influence",
+    "grad_mean",
+    "taylor",
 ]
 
 
@@ -96,24 +99,12 @@ def select(inp: SelectorInput) -> Selection:
     )
 
 
-def run(ctx: PruneContext) -> PruneOutcome:
-    return run_layer_method(ctx, select, "gradmap")
-
-
-def plan(config: PretrainedConfig, target: float, basis: SparsityBasis, options: GradMAPOptions) -> dict[str, Any]:
-    return plan_layer_method(config, target, basis, options, name="gradmap")
-
-
-register(
-    Method(
-        name="gradmap",
-        kind="layer",
-        description=(
-            "GradMAP: iterative gradient-metric layer removal (one backward pass per decision) with projection "
-            "compensation merged into the weights."
-        ),
-        options_model=GradMAPOptions,
-        run=run,
-        plan=plan,
-    )
+register_layer_method(
+    "gradmap",
+    (
+        "GradMAP: iterative gradient-metric layer removal (one backward pass per decision) with projection "
+        "compensation merged into the weights."
+    ),
+    GradMAPOptions,
+    select,
 )

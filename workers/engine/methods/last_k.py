@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from transformers import PretrainedConfig
-
 from workers.engine.methods.layer_common import (
     LayerMethodOptions,
     Selection,
     SelectorInput,
     candidate_layers,
     one_shot_decisions,
-    plan_layer_method,
-    run_layer_method,
+    register_layer_method,
 )
-from workers.engine.registry import Method, register
-from workers.engine.types import PruneContext, PruneOutcome, SparsityBasis
 
 
 class LastKOptions(LayerMethodOptions):
@@ -35,21 +28,10 @@ def select(inp: SelectorInput) -> Selection:
     return Selection(removed=removed, decisions=decisions)
 
 
-def run(ctx: PruneContext) -> PruneOutcome:
-    return run_layer_method(ctx, select, "last_k")
-
-
-def plan(config: PretrainedConfig, target: float, basis: SparsityBasis, options: LastKOptions) -> dict[str, Any]:
-    return plan_layer_method(config, target, basis, options, name="last_k", deterministic=_last_k)
-
-
-register(
-    Method(
-        name="last_k",
-        kind="layer",
-        description="Remove the last k decoder layers (baseline; no calibration needed).",
-        options_model=LastKOptions,
-        run=run,
-        plan=plan,
-    )
+register_layer_method(
+    "last_k",
+    "Remove the last k decoder layers (baseline; no calibration needed).",
+    LastKOptions,
+    select,
+    deterministic=_last_k,
 )

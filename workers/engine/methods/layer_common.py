@@ -252,3 +252,25 @@ def plan_layer_method(
 
 def pick_lowest(scores: dict[int, float]) -> int:
     return min(scores, key=lambda i: (scores[i], i))
+
+
+def register_layer_method(
+    name: str,
+    description: str,
+    options_model: type[LayerMethodOptions],
+    select: Selector,
+    deterministic: Callable[..., list[int]] | None = None,
+) -> None:
+    """Register a layer method: all layer methods share the run skeleton and the plan."""
+    from workers.engine.registry import Method, register
+
+    def run(ctx: PruneContext) -> PruneOutcome:
+        return run_layer_method(ctx, select, name)
+
+    def plan(
+        config: PretrainedConfig, target: float, basis: SparsityBasis, options: LayerMethodOptions
+    ) -> dict[str, Any]:
+        extra = {"deterministic": deterministic} if deterministic is not None else {}
+        return plan_layer_method(config, target, basis, options, name=name, **extra)
+
+    register(Method(name=name, kind="layer", description=description, options_model=options_model, run=run, plan=plan))

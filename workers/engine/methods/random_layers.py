@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from transformers import PretrainedConfig
 
 from workers.engine.methods.layer_common import (
     LayerMethodOptions,
     Selection,
     SelectorInput,
     one_shot_decisions,
-    plan_layer_method,
-    run_layer_method,
+    register_layer_method,
 )
-from workers.engine.registry import Method, register
-from workers.engine.types import PruneContext, PruneOutcome, SparsityBasis
 
 
 class RandomOptions(LayerMethodOptions):
@@ -31,21 +25,9 @@ def select(inp: SelectorInput) -> Selection:
     return Selection(removed=removed, decisions=decisions, extra={"score": "uniform_random", "seed": inp.ctx.seed})
 
 
-def run(ctx: PruneContext) -> PruneOutcome:
-    return run_layer_method(ctx, select, "random")
-
-
-def plan(config: PretrainedConfig, target: float, basis: SparsityBasis, options: RandomOptions) -> dict[str, Any]:
-    return plan_layer_method(config, target, basis, options, name="random")
-
-
-register(
-    Method(
-        name="random",
-        kind="layer",
-        description="Remove k decoder layers chosen at random (seeded baseline).",
-        options_model=RandomOptions,
-        run=run,
-        plan=plan,
-    )
+register_layer_method(
+    "random",
+    "Remove k decoder layers chosen at random (seeded baseline).",
+    RandomOptions,
+    select,
 )

@@ -6,10 +6,7 @@ removed first (Men et al., 2024).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from transformers import PretrainedConfig
 
 from workers.engine.hidden import block_input, first_tensor, forward_ids, micro_batches
 from workers.engine.layers import find_layers
@@ -18,11 +15,8 @@ from workers.engine.methods.layer_common import (
     Selection,
     SelectorInput,
     one_shot_decisions,
-    plan_layer_method,
-    run_layer_method,
+    register_layer_method,
 )
-from workers.engine.registry import Method, register
-from workers.engine.types import PruneContext, PruneOutcome, SparsityBasis
 
 
 class ShortGPTOptions(LayerMethodOptions):
@@ -76,21 +70,9 @@ def select(inp: SelectorInput) -> Selection:
     return Selection(removed=removed, decisions=decisions, forward_passes=1, extra={"score": "block_influence"})
 
 
-def run(ctx: PruneContext) -> PruneOutcome:
-    return run_layer_method(ctx, select, "shortgpt")
-
-
-def plan(config: PretrainedConfig, target: float, basis: SparsityBasis, options: ShortGPTOptions) -> dict[str, Any]:
-    return plan_layer_method(config, target, basis, options, name="shortgpt")
-
-
-register(
-    Method(
-        name="shortgpt",
-        kind="layer",
-        description="ShortGPT block influence (1 - cos(in, out)), one forward pass; removes the k least influential.",
-        options_model=ShortGPTOptions,
-        run=run,
-        plan=plan,
-    )
+register_layer_method(
+    "shortgpt",
+    "ShortGPT block influence (1 - cos(in, out)), one forward pass; removes the k least influential.",
+    ShortGPTOptions,
+    select,
 )

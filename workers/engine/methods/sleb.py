@@ -8,10 +8,8 @@ sum_d (remaining candidates) forward passes, which is what GradMAP's single back
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from pydantic import Field
-from transformers import PretrainedConfig
 
 from workers.engine.hidden import lm_loss
 from workers.engine.layers import layer_subset
@@ -21,11 +19,8 @@ from workers.engine.methods.layer_common import (
     SelectorInput,
     decision,
     pick_lowest,
-    plan_layer_method,
-    run_layer_method,
+    register_layer_method,
 )
-from workers.engine.registry import Method, register
-from workers.engine.types import PruneContext, PruneOutcome, SparsityBasis
 
 
 class SLEBOptions(LayerMethodOptions):
@@ -58,26 +53,16 @@ def select(inp: SelectorInput) -> Selection:
         decisions.append(decision(step, scores, chosen, seconds=round(time.perf_counter() - started, 4)))
         removed.append(chosen)
     return Selection(
-        removed=sorted(removed), decisions=decisions, forward_passes=forwards,
+        removed=sorted(removed),
+        decisions=decisions,
+        forward_passes=forwards,
         extra={"score": "calibration_loss_without_layer", "removal_order": removed},
     )
 
 
-def run(ctx: PruneContext) -> PruneOutcome:
-    return run_layer_method(ctx, select, "sleb")
-
-
-def plan(config: PretrainedConfig, target: float, basis: SparsityBasis, options: SLEBOptions) -> dict[str, Any]:
-    return plan_layer_method(config, target, basis, options, name="sleb")
-
-
-register(
-    Method(
-        name="sleb",
-        kind="layer",
-        description="SLEB-style greedy: per decision try removing each layer, drop the one with the lowest loss.",
-        options_model=SLEBOptions,
-        run=run,
-        plan=plan,
-    )
+register_layer_method(
+    "sleb",
+    "SLEB-style greedy: per decision try removing each layer, drop the one with the lowest loss.",
+    SLEBOptions,
+    select,
 )

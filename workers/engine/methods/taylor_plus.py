@@ -6,10 +6,7 @@ not candidates by default (the raw Taylor score tends to pick the first blocks, 
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import Field
-from transformers import PretrainedConfig
 
 from workers.engine.methods.gradient_scores import weight_scores
 from workers.engine.methods.layer_common import (
@@ -17,11 +14,8 @@ from workers.engine.methods.layer_common import (
     Selection,
     SelectorInput,
     one_shot_decisions,
-    plan_layer_method,
-    run_layer_method,
+    register_layer_method,
 )
-from workers.engine.registry import Method, register
-from workers.engine.types import PruneContext, PruneOutcome, SparsityBasis
 
 DEFAULT_FIRST, DEFAULT_LAST = 4, 2
 
@@ -49,32 +43,27 @@ def select(inp: SelectorInput) -> Selection:
     ctx = inp.ctx
     calls = {"n": 0}
     values = weight_scores(
-        ctx.model, ctx.calibration, "taylor_sum", ctx.options.micro_batch_size, ctx.check_cancel,
+        ctx.model,
+        ctx.calibration,
+        "taylor_sum",
+        ctx.options.micro_batch_size,
+        ctx.check_cancel,
         lambda: calls.__setitem__("n", calls["n"] + 1),
     )
     scores = {layer: values[layer] for layer in inp.candidates}
     removed, decisions = one_shot_decisions(scores, inp.k)
     return Selection(
-        removed=removed, decisions=decisions, forward_passes=1, backward_passes=1,
+        removed=removed,
+        decisions=decisions,
+        forward_passes=1,
+        backward_passes=1,
         extra={"score": "taylor_sum", "backward_calls": calls["n"]},
     )
 
 
-def run(ctx: PruneContext) -> PruneOutcome:
-    return run_layer_method(ctx, select, "taylor_plus")
-
-
-def plan(config: PretrainedConfig, target: float, basis: SparsityBasis, options: TaylorPlusOptions) -> dict[str, Any]:
-    return plan_layer_method(config, target, basis, options, name="taylor_plus")
-
-
-register(
-    Method(
-        name="taylor_plus",
-        kind="layer",
-        description="Taylor+: block importance sum |W * dL/dW| from one backward pass (first 4 / last 2 kept).",
-        options_model=TaylorPlusOptions,
-        run=run,
-        plan=plan,
-    )
+register_layer_method(
+    "taylor_plus",
+    "Taylor+: block importance sum |W * dL/dW| from one backward pass (first 4 / last 2 kept).",
+    TaylorPlusOptions,
+    select,
 )
