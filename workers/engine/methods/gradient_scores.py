@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -32,16 +32,9 @@ ResidualScore = Literal[
     "fwd_bwd_influence",
 ]
 WeightScore = Literal["grad_mean", "taylor", "taylor_sum"]
-RESIDUAL_SCORES = (
-    "residual",
-    "residual_signed",
-    "residual_sum_abs",
-    "grad_delta_norm",
-    "residual_relative",
-    "grad_influence",
-    "fwd_bwd_influence",
-)
-WEIGHT_SCORES = ("grad_mean", "taylor", "taylor_sum")
+# The runtime lists are derived from the Literal types so the two can never disagree.
+RESIDUAL_SCORES = get_args(ResidualScore)
+WEIGHT_SCORES = get_args(WeightScore)
 
 
 @contextmanager
