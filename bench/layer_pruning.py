@@ -191,10 +191,19 @@ def run(args) -> None:
             evaluate_removal(selector, ratio, None)
             if selector in COMPENSATED:
                 evaluate_removal(selector, ratio, {})
-    for name, comp in args.comp_variants.items():
-        evaluate_removal("gradmap", args.first_ratio, comp, tag=f"[{name}]")
+    # Compensation variants go on top of every compensated selector at every ratio, so a default can
+    # be chosen by measurement without favouring one selector.
+    for ratio in ratios:
+        for name, comp in args.comp_variants.items():
+            for selector in args.methods:
+                if selector in COMPENSATED:
+                    evaluate_removal(selector, ratio, comp, tag=f"[{name}]")
+    # Selector variants (e.g. other GradMAP scores): with and without compensation at the first
+    # ratio, with compensation (the product default) at --extra-ratios.
     for selector in args.extra_selectors:
         evaluate_removal(selector, args.first_ratio, None)
+        for ratio in [args.first_ratio, *args.extra_ratios]:
+            evaluate_removal(selector, ratio, {})
     print("done", flush=True)
 
 
@@ -204,6 +213,65 @@ def run(args) -> None:
 
 def label(entry: dict[str, Any]) -> str:
     return entry["method"] + (" + comp" if entry["compensation"] else "") + entry.get("tag", "")
+
+
+def print_pivots(res: dict[str, Any]) -> None:
+    """One row per method, one column per k: wiki ppl, PTB ppl and zero-shot average side by side."""
+    entries = [e for key, e in res["evals"].items() if key != "dense"]
+    ks = sorted({e["k"] for e in entries})
+    by_label: dict[str, dict[int, dict[str, Any]]] = {}
+    for e in entries:
+        by_label.setdefault(label(e), {})[e["k"]] = e
+    dense = res["evals"]["dense"]
+    for metric, title, fmt in (
+        ("wikitext2_ppl", "WikiText-2 perplexity (lower is better)", "{:.2f}"),
+        ("ptb_ppl", "PTB perplexity", "{:.2f}"),
+        ("zero_shot_avg_acc", "zero-shot average accuracy", "{:.3f}"),
+    ):
+        if metric not in dense:
+            continue
+        print(f"\n{title}; dense = {fmt.format(dense[metric])}\n")
+        print("| method | " + " | ".join(f"k={k}" for k in ks) + " |")
+        print("|---|" + "---|" * len(ks))
+        best = {k: min((row[k][metric] for row in by_label.values() if k in row and metric in row[k]),
+                       default=None) for k in ks}
+        if metric == "zero_shot_avg_acc":
+            best = {k: max((row[k][metric] for row in by_label.values() if k in row and metric in row[k]),
+                           default=None) for k in ks}
+        rows = sorted(by_label.items(), key=lambda item: item[1].get(ks[-1], {}).get(metric, math.inf))
+        for name, row in rows:
+            if not any(metric in row.get(k, {}) for k in ks):
+                continue
+            cells = []
+            for k in ks:
+                value = row.get(k, {}).get(metric)
+                text = "-" if value is None else fmt.format(value)
+                cells.append(f"**{text}**" if value is not None and value == best[k] else text)
+            print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def print_time_to_k(res: dict[str, Any]) -> None:
+    """Scoring seconds and passes each selector needed to reach every k (iterative ones: sum of its decisions)."""
+    ks = sorted({e["k"] for key, e in res["evals"].items() if key != "dense"})
+    runs = [r for r in res["runs"].values() if r["selector"] in SELECTORS]
+    print("\nScoring time (s) to choose k layers; fwd/bwd = forward / backward passes of the calibration batch\n")
+    print("| selector | " + " | ".join(f"k={k} s (fwd/bwd)" for k in ks) + " |")
+    print("|---|" + "---|" * len(ks))
+    for r in sorted(runs, key=lambda r: r["selector"]):
+        cells = []
+        per_decision = r.get("decision_seconds") or []
+        iterative = len(per_decision) == r["k"] and all(x is not None for x in per_decision)
+        for k in ks:
+            if iterative:
+                seconds = sum(per_decision[:k])
+                if r["selector"] == "gradmap":  # one forward+backward per decision
+                    fwd = bwd = k
+                else:  # SLEB: one forward per remaining candidate per decision (no layer is protected here)
+                    fwd, bwd = sum(res["n_layers"] - step for step in range(k)), 0
+            else:
+                seconds, fwd, bwd = r["timings"]["scoring"], r["forward_passes"], r["backward_passes"]
+            cells.append(f"{seconds:.1f} ({fwd}/{bwd})")
+        print(f"| {r['selector']} | " + " | ".join(cells) + " |")
 
 
 def report(args) -> None:
@@ -250,6 +318,9 @@ def report(args) -> None:
 
     for res in files:
         print(f"\n### {res['model']} ({res['n_layers']} layers)\n")
+        print_pivots(res)
+        print_time_to_k(res)
+        print("\nAll entries:\n")
         dense = res["evals"]["dense"]
         has_zs = "zero_shot_avg_acc" in dense
         head = "| method | k | removed layers | wiki ppl | PTB ppl |" + (" zero-shot avg acc |" if has_zs else "")
@@ -295,6 +366,7 @@ def main() -> None:
     r.add_argument("--first-ratio", type=float, default=0.2)
     r.add_argument("--comp-variants", type=json.loads, default={}, help='{"name": {compensation options}}')
     r.add_argument("--extra-selectors", nargs="*", default=[], help="e.g. gradmap[influence] (options via --options)")
+    r.add_argument("--extra-ratios", type=float, nargs="*", default=[], help="more ratios for --extra-selectors")
     r.add_argument(
         "--options", type=json.loads, default={}, help='per-selector options, JSON: {"sleb": {"scoring_samples": 4}}'
     )

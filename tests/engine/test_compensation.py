@@ -100,6 +100,8 @@ def test_placements_and_targets():
     keep = [0, 3, 4, 7]  # removed: 1-2 and 5-6, n = 8
     assert choose_placements(keep, 8, shifts, "after_cut", 4) == [1, 3]
     assert choose_placements(keep, 8, shifts, "before_cut", 4) == [0, 2]
+    assert choose_placements(keep, 8, shifts, "around_cut", 4) == [0, 1, 2, 3]
+    assert choose_placements([0, 1, 2, 3], 6, shifts, "around_cut", 4) == [3]  # trailing cut: only before
     assert choose_placements(keep, 8, shifts, "after_cut", 1) == [3]  # the larger relative shift
     assert choose_placements(keep, 8, shifts, "max_relative_shift", 1) == [3]
     assert target_index(keep, 1, 8) == 3  # after_cut: its own original output
@@ -149,3 +151,17 @@ def test_compensation_on_top_of_any_selector(tiny_llama):
     assert comp["enabled"] is True
     assert comp["tried_layers"] == [2]  # trailing cut: the last kept layer absorbs it
     assert "compensating" in outcome.report["timings"]
+
+
+@pytest.mark.parametrize("refit", [True, False])
+def test_kept_projection_is_refitted_on_all_calibration_rows(tiny_llama, refit):
+    ids = _ids(8)
+    config = CompensationConfig(min_improvement=-1.0, refit_on_all=refit)  # accept whatever the fit gives
+    report = compensate(copy.deepcopy(tiny_llama), [0, 2, 3], ids, config)
+    entry = report["projections"][0]
+    assert entry["kept"] is True
+    if refit:
+        assert entry["refit_on_all_rows"] == 8 * ids.shape[1] == entry["fit_tokens"] + 2 * ids.shape[1]
+        assert entry["loss_after_refit"] == report["heldout_loss_after"]
+    else:
+        assert "refit_on_all_rows" not in entry and entry["loss_after"] == report["heldout_loss_after"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from workers.engine.layers import find_layers
-from workers.engine.methods.gradient_scores import residual_scores, weight_scores
+from workers.engine.methods.gradient_scores import RESIDUAL_SCORES, residual_scores, weight_scores
 from workers.engine.pipeline import plan, prune
 from workers.engine.registry import all_methods, get_method, parse_options
 
@@ -72,6 +72,15 @@ def test_residual_score_of_identity_layer_is_zero_and_removed_first(tiny_llama):
     assert outcome.report["removed_layers"] == [2]
 
 
+@pytest.mark.parametrize("kind", RESIDUAL_SCORES)
+def test_every_residual_score_sees_an_identity_layer_as_free(tiny_llama, kind):
+    _make_identity(tiny_llama, 1)
+    scores = residual_scores(tiny_llama, _ids(), kind, 2)
+    assert scores[1] == pytest.approx(0.0, abs=1e-6)
+    if kind != "residual_signed":  # the only signed score: others may go below zero
+        assert min(scores[i] for i in (0, 2, 3)) > 1e-6
+
+
 def test_iterative_decisions_rescore_the_smaller_model(tiny_llama):
     outcome = prune(tiny_llama, _ids(), method="gradmap", target_sparsity=0.5, options={"compensation": False})
     first, second = outcome.report["decisions"]
@@ -81,6 +90,21 @@ def test_iterative_decisions_rescore_the_smaller_model(tiny_llama):
     survivors = [layer for layer in second["scores"]]
     assert any(not math.isclose(first["scores"][s], second["scores"][s]) for s in survivors)
     assert sorted([first["chosen"], second["chosen"]]) == outcome.report["removed_layers"]
+
+
+def test_in_loop_compensation_fits_between_decisions_and_restores_weights(tiny_llama):
+    original = {name: p.detach().clone() for name, p in tiny_llama.named_parameters()}
+    outcome = prune(tiny_llama, _ids(8), method="gradmap", target_sparsity=0.5,
+                    options={"compensation": False, "compensate_in_loop": True, "compensation_ridge": 0.01})
+    first, second = outcome.report["decisions"]
+    assert "in_loop_compensation" in first and "in_loop_compensation" not in second  # none after the last
+    assert outcome.report["backward_passes"] == 2
+    # The in-loop projections are scaffolding for the selection only: the weights come back untouched.
+    removed = set(outcome.report["removed_layers"])
+    kept = [i for i in range(4) if i not in removed]
+    for position, index in enumerate(kept):
+        for name, p in find_layers(outcome.model).layers[position].named_parameters():
+            assert torch.equal(p, original[f"model.layers.{index}.{name}"]), (index, name)
 
 
 def test_no_gradients_on_embeddings_or_head_and_flags_restored(tiny_llama):

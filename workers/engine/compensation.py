@@ -4,7 +4,8 @@ After a selector has chosen the layers to drop, the pruned model's hidden states
 the original's. We
 1. measure the drift per kept layer on calibration data (relative to the hidden-state norm),
 2. pick where to correct it (by default the kept layer right *after* each removed block, which the
-   DESIGN trial found to work, unlike "largest absolute shift near the end"),
+   DESIGN trial found to work, unlike "largest absolute shift near the end"; `before_cut` uses the
+   kept layer right before it, `around_cut` tries both),
 3. solve one d x d projection P in closed form,
        P = argmin ||X P - T||^2 + lam ||P - I||^2  =>  (X^T X + lam I) P = X^T T + lam I,
    where X is the output of the placement layer's last residual writer (`down_proj`) and T the part
@@ -12,7 +13,8 @@ the original's. We
    on the exact objective (needed when a norm follows the writer, as in Gemma's sandwich norms),
 4. merge P into that writer's weight (W <- P^T W, b <- b P), so the saved model has no extra module,
 5. validate on a held-out split of the calibration batch and keep the change only if the held-out
-   next-token loss improves.
+   next-token loss improves; a kept projection is then refitted on all calibration rows (the fit
+   is data-starved: a d x d solve from a few hundred tokens).
 
 The original model is the same module with all layers; the pruned one is a `layer_subset` view, so
 no weights are copied.
@@ -31,7 +33,7 @@ from torch import nn
 from workers.engine.hidden import BlockIO, capture_forward, forward_ids, lm_loss, micro_batches
 from workers.engine.layers import find_layers, layer_subset
 
-Placement = Literal["after_cut", "before_cut", "max_relative_shift", "max_shift"]
+Placement = Literal["after_cut", "before_cut", "around_cut", "max_relative_shift", "max_shift"]
 
 # Last linear map of a block whose output is added to the residual stream, and the norm that some
 # architectures (Gemma-2/3, OLMo-2) put between it and the residual add.
@@ -49,6 +51,7 @@ class CompensationConfig:
     heldout_fraction: float = 0.25
     max_tokens: int = 16384
     min_improvement: float = 0.0  # relative held-out loss drop a projection needs to be kept
+    refit_on_all: bool = True  # once a projection passed the held-out check, refit it on fit + held-out rows
     micro_batch_size: int = 4
 
 
@@ -146,11 +149,12 @@ def choose_placements(
         after = [p for p, i in enumerate(keep) if i > block[-1]]
         before = [p for p, i in enumerate(keep) if i < block[0]]
         if placement == "after_cut":
-            chosen = after[0] if after else (before[-1] if before else None)
-        else:  # before_cut: the layer right before the block absorbs it
-            chosen = before[-1] if before else (after[0] if after else None)
-        if chosen is not None and chosen not in positions:
-            positions.append(chosen)
+            chosen = [after[0]] if after else before[-1:]
+        elif placement == "before_cut":  # the layer right before the block absorbs it
+            chosen = before[-1:] if before else after[:1]
+        else:  # around_cut: try both sides; the held-out check keeps whichever helps
+            chosen = before[-1:] + after[:1]
+        positions.extend(p for p in chosen if p not in positions)
     if len(positions) > max_projections:
         # Keep the cuts that introduce the largest relative shift.
         by_shift = sorted(positions, key=lambda p: -shifts[p]["shift"])[:max_projections]
@@ -464,6 +468,21 @@ def compensate(
         bar = None if current is None else current * (1.0 - config.min_improvement)
         accepted = candidate is not None and bar is not None and candidate < bar
         entry.update({"loss_before": current, "loss_after": candidate, "kept": bool(accepted)})
+        if accepted and heldout is not None and config.refit_on_all:
+            # The held-out split has done its job (deciding); the final projection uses every row,
+            # which matters with a few hundred calibration tokens per d x d solve.
+            hz, hr, ht = heldout
+            projection = fit_projection(
+                torch.cat([z, hz]), torch.cat([residual, hr]), torch.cat([target, ht]), post_norm,
+                config.ridge, config.refine_steps, config.refine_lr,
+            )
+            with torch.no_grad():
+                writer.weight.copy_(weight)
+                if bias is not None:
+                    writer.bias.copy_(bias)
+            merge_projection(writer, projection)
+            candidate = pruned_loss(judge_ids)
+            entry.update({"refit_on_all_rows": int(z.shape[0] + hz.shape[0]), "loss_after_refit": candidate})
         if accepted:
             current = candidate
         else:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from workers.engine.hidden import BlockIO, forward_ids, micro_batches
-from workers.engine.layers import find_layers
+from workers.engine.layers import find_layers, model_device
 
 ResidualScore = Literal[
     "residual",
@@ -28,6 +28,8 @@ ResidualScore = Literal[
     "residual_sum_abs",
     "grad_delta_norm",
     "residual_relative",
+    "residual_fisher",
+    "kl_fisher",
     "grad_influence",
     "fwd_bwd_influence",
 ]
@@ -66,13 +68,20 @@ def embeddings_require_grad(model: nn.Module):
 
 
 def _cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return 1.0 - torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    """Per row 1 - cos(a, b); 0 where either row is zero (e.g. the gradient at a sequence's last
+    position, which no loss term reaches), so such rows do not count as maximally turned."""
+    distance = 1.0 - torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    defined = (a.norm(dim=-1) > 0) & (b.norm(dim=-1) > 0)
+    return torch.where(defined, distance, torch.zeros_like(distance))
 
 
 def _reduce_residual(
-    kind: str, g: torch.Tensor, delta: torch.Tensor, h_in: torch.Tensor, g_in: torch.Tensor | None
+    kind: str, g: torch.Tensor, delta: torch.Tensor, h_in: torch.Tensor, g_in: torch.Tensor | None, n_tokens: int
 ) -> float:
-    """One block's contribution to its score for one micro-batch (tokens as rows, fp32)."""
+    """One block's contribution to its score for one micro-batch (tokens as rows, fp32).
+
+    g is the gradient of the batch's *mean* loss; n_tokens * g approximates each token's own loss gradient.
+    """
     if kind in ("grad_influence", "fwd_bwd_influence"):
         # How much the block turns the gradient flowing back through it (the backward twin of
         # ShortGPT's 1 - cos(h_in, h_out)); fwd_bwd adds the forward term itself.
@@ -88,12 +97,31 @@ def _reduce_residual(
         return float((-dot).sum())
     if kind == "residual_sum_abs":
         return float(dot.sum())  # absolute value taken after summing over all micro-batches
+    if kind in ("residual_fisher", "kl_fisher"):
+        # Second-order term with the empirical Fisher as the Hessian: 1/2 (per-token gradient . delta)^2.
+        # The first-order term averages out near a minimum; this one does not.
+        return float(0.5 * (dot * n_tokens).pow(2).sum())
     if kind == "grad_delta_norm":
         return float((g.norm(dim=-1) * delta.norm(dim=-1)).sum())
     if kind == "residual_relative":
         # First-order change relative to the stream size, so late (large-norm) layers are comparable.
         return float((dot.abs() * (delta.norm(dim=-1) / h_in.norm(dim=-1).clamp_min(1e-6))).sum())
     raise ValueError(f"unknown residual score {kind!r}")
+
+
+def sampled_label_loss(model: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Next-token loss against labels drawn from the model's own predictions.
+
+    Its gradient's outer product is an unbiased sample of the Fisher of the model's output
+    distribution, so 1/2 (g . delta)^2 estimates KL(current || without the layer), which is what
+    the data-label loss misses: near a trained model its first-order term is mostly noise.
+    """
+    logits = model(input_ids=batch.to(model_device(model)), use_cache=False).logits[:, :-1].float()
+    with torch.no_grad():
+        probs = torch.softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
+        labels = torch.multinomial(probs, 1, generator=generator).reshape(logits.shape[:-1])
+        del probs
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
 def residual_scores(
@@ -108,13 +136,16 @@ def residual_scores(
     n_layers = len(find_layers(model).layers)
     totals = [0.0] * n_layers
     n_tokens = ids.shape[0] * (ids.shape[1] - 1)
+    generator = torch.Generator(device=model_device(model)).manual_seed(0)
     with gradients_only_on(model, []), embeddings_require_grad(model):
         for batch in micro_batches(ids, micro_batch_size):
             check_cancel()
             with BlockIO(model, keep_graph=True) as io:
-                out = forward_ids(model, batch, labels=True)
                 share = batch.shape[0] * (batch.shape[1] - 1) / n_tokens
-                (out.loss.float() * share).backward()
+                loss = sampled_label_loss(model, batch, generator) if kind == "kl_fisher" else None
+                if loss is None:
+                    loss = forward_ids(model, batch, labels=True).loss
+                (loss.float() * share).backward()
                 on_backward()
             for i in range(n_layers):
                 h_out = io.outputs[i]
@@ -124,8 +155,10 @@ def residual_scores(
                 d = delta.shape[-1]
                 grad_in = io.inputs[i].grad
                 g_in = None if grad_in is None else grad_in.float().reshape(-1, d)
-                totals[i] += _reduce_residual(kind, g.reshape(-1, d), delta.reshape(-1, d), h_in.reshape(-1, d), g_in)
-            del io, out
+                totals[i] += _reduce_residual(
+                    kind, g.reshape(-1, d), delta.reshape(-1, d), h_in.reshape(-1, d), g_in, n_tokens
+                )
+            del io, loss
     if kind == "residual_sum_abs":
         totals = [abs(t) for t in totals]
     positions = ids.numel()

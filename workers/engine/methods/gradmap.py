@@ -11,12 +11,15 @@ docs/benchmarks/layer-pruning.md).
 from __future__ import annotations
 
 import time
-from typing import Literal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
+import torch
 from pydantic import Field
 
-from workers.engine.layers import layer_subset
-from workers.engine.methods.gradient_scores import gradient_scores
+from workers.engine.compensation import compensate, find_writer
+from workers.engine.layers import find_layers, layer_subset
+from workers.engine.methods.gradient_scores import ResidualScore, WeightScore, gradient_scores
 from workers.engine.methods.layer_common import (
     CompensatedOptions,
     Selection,
@@ -27,17 +30,7 @@ from workers.engine.methods.layer_common import (
     register_layer_method,
 )
 
-GradMAPScore = Literal[
-    "residual_signed",
-    "residual",
-    "residual_sum_abs",
-    "residual_relative",
-    "grad_delta_norm",
-    "grad_influence",
-    "fwd_bwd_influence",
-    "grad_mean",
-    "taylor",
-]
+GradMAPScore = ResidualScore | WeightScore  # every score gradient_scores() knows
 
 
 class GradMAPOptions(CompensatedOptions):
@@ -49,12 +42,49 @@ class GradMAPOptions(CompensatedOptions):
             "Layer importance from one backward pass. residual (default): mean_t |dL/dh_out . (h_out - h_in)|, the "
             "per-token magnitude of the first-order loss change of removing the layer; residual_signed: the signed "
             "estimate -sum_t dL/dh_out . (h_out - h_in); residual_sum_abs: |sum_t .|; "
-            "residual_relative: |.| weighted by the relative size of the layer's update; grad_delta_norm: "
+            "residual_relative: |.| weighted by the relative size of the layer's update; residual_fisher: the "
+            "second-order term 1/2 mean_t (N dL/dh_out . (h_out - h_in))^2 (empirical Fisher); grad_delta_norm: "
             "sum_t ||dL/dh_out|| ||h_out - h_in||; grad_influence: mean_t 1 - cos(dL/dh_in, dL/dh_out); "
             "fwd_bwd_influence: that plus 1 - cos(h_in, h_out); grad_mean: mean |dL/dW|; taylor: mean |W * dL/dW|."
         ),
     )
     iterative: bool = Field(True, description="Re-score after every removal (one backward per decision).")
+    compensate_in_loop: bool = Field(
+        False,
+        description=(
+            "After every decision, fit the compensation for the layers removed so far before the next scoring, so "
+            "later decisions see the corrected model (costs one compensation per decision; the final compensation "
+            "is refitted from the original weights)."
+        ),
+    )
+
+
+@contextmanager
+def restorable_writers(model: torch.nn.Module) -> Iterator[Callable[[], None]]:
+    """Snapshot every block's residual writer; yields a function that restores them (also run on exit).
+
+    In-loop compensation merges projections into these weights; the original model (all layers,
+    untouched weights) must come back before each refit and before the selector returns.
+    """
+    saved = []
+    for block in find_layers(model).layers:
+        found = find_writer(block)
+        if found is not None:
+            writer = found[0]
+            bias = None if writer.bias is None else writer.bias.detach().clone()
+            saved.append((writer, writer.weight.detach().clone(), bias))
+
+    @torch.no_grad()
+    def restore() -> None:
+        for writer, weight, bias in saved:
+            writer.weight.copy_(weight)
+            if bias is not None:
+                writer.bias.copy_(bias)
+
+    try:
+        yield restore
+    finally:
+        restore()
 
 
 def select(inp: SelectorInput) -> Selection:
@@ -80,15 +110,25 @@ def select(inp: SelectorInput) -> Selection:
     else:
         removed = []
         decisions = []
-        for step in range(inp.k):
-            started = time.perf_counter()
-            ctx.check_cancel()
-            inp.progress(step / inp.k, f"decision {step + 1}/{inp.k}: scoring with one backward pass")
-            keep = [i for i in range(inp.n_layers) if i not in set(removed)]
-            scores = {layer: s for layer, s in score(keep).items() if layer not in set(removed)}
-            chosen = pick_lowest(scores)
-            decisions.append(decision(step, scores, chosen, seconds=round(time.perf_counter() - started, 4)))
-            removed.append(chosen)
+        with restorable_writers(ctx.model) as restore:
+            for step in range(inp.k):
+                started = time.perf_counter()
+                ctx.check_cancel()
+                inp.progress(step / inp.k, f"decision {step + 1}/{inp.k}: scoring with one backward pass")
+                keep = [i for i in range(inp.n_layers) if i not in set(removed)]
+                scores = {layer: s for layer, s in score(keep).items() if layer not in set(removed)}
+                chosen = pick_lowest(scores)
+                extra = {}
+                removed.append(chosen)
+                if options.compensate_in_loop and step + 1 < inp.k:
+                    restore()  # refit from the original weights, never on top of an earlier fit
+                    kept = [i for i in range(inp.n_layers) if i not in set(removed)]
+                    fitted = compensate(
+                        ctx.model, kept, ctx.calibration, options.compensation_config(), check_cancel=ctx.check_cancel
+                    )
+                    extra["in_loop_compensation"] = fitted.get("layers", [])
+                seconds = round(time.perf_counter() - started, 4)
+                decisions.append(decision(step, scores, chosen, seconds=seconds, **extra))
         passes = inp.k
     return Selection(
         removed=sorted(removed),

@@ -11,12 +11,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 from transformers import PretrainedConfig
 
-from workers.engine.compensation import CompensationConfig, compensate, measure_shift
+from workers.engine.compensation import CompensationConfig, Placement, compensate, measure_shift
 from workers.engine.layer_budget import (
     LayerProfile,
     achieved_sparsity,
@@ -35,8 +35,12 @@ class LayerMethodOptions(MethodOptions):
 
     compensation: bool = Field(False, description="Fit and merge a projection that corrects the hidden-state drift.")
     micro_batch_size: int = Field(4, ge=1, le=1024, description="Calibration samples per forward/backward.")
-    compensation_placement: Literal["after_cut", "before_cut", "max_relative_shift", "max_shift"] = Field(
-        "after_cut", description="Which kept layer receives the projection."
+    compensation_placement: Placement = Field(
+        "after_cut",
+        description=(
+            "Which kept layer receives a projection per removed block: after_cut (the next kept layer), before_cut "
+            "(the previous one), around_cut (both, each kept only if it helps), or the layers of largest shift."
+        ),
     )
     compensation_max_projections: int = Field(
         8, ge=1, le=64, description="At most this many projections (one per removed block), each kept only if it helps."
@@ -46,6 +50,9 @@ class LayerMethodOptions(MethodOptions):
     compensation_refine_lr: float = Field(1e-4, gt=0.0, le=1.0)
     compensation_heldout_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="Calibration share for validation.")
     compensation_max_tokens: int = Field(16384, ge=16, description="Token rows used to fit one projection.")
+    compensation_refit_all: bool = Field(
+        True, description="Refit a projection that passed the held-out check on all calibration tokens."
+    )
     protect_first: int = Field(0, ge=0, le=64, description="Never remove the first N layers.")
     protect_last: int = Field(0, ge=0, le=64, description="Never remove the last N layers.")
 
@@ -62,6 +69,7 @@ class LayerMethodOptions(MethodOptions):
             refine_lr=self.compensation_refine_lr,
             heldout_fraction=self.compensation_heldout_fraction,
             max_tokens=self.compensation_max_tokens,
+            refit_on_all=self.compensation_refit_all,
             micro_batch_size=self.micro_batch_size,
         )
 
