@@ -3,9 +3,10 @@
 After a selector has chosen the layers to drop, the pruned model's hidden states drift away from
 the original's. We
 1. measure the drift per kept layer on calibration data (relative to the hidden-state norm),
-2. pick where to correct it (by default the kept layer right *after* each removed block, which the
-   DESIGN trial found to work, unlike "largest absolute shift near the end"; `before_cut` uses the
-   kept layer right before it, `around_cut` tries both),
+2. pick where to correct it: by default (`around_cut`) the kept layers right before and right
+   after each removed block, each tried in forward order (the DESIGN trial found the layer after a
+   cut to work, unlike "largest absolute shift near the end"; trying both sides measured best,
+   docs/benchmarks/layer-pruning.md),
 3. solve one d x d projection P in closed form,
        P = argmin ||X P - T||^2 + lam ||P - I||^2  =>  (X^T X + lam I) P = X^T T + lam I,
    where X is the output of the placement layer's last residual writer (`down_proj`) and T the part
@@ -43,7 +44,7 @@ _POST_NORM_NAMES = ("post_feedforward_layernorm",)
 
 @dataclass
 class CompensationConfig:
-    placement: Placement = "after_cut"
+    placement: Placement = "around_cut"
     max_projections: int = 8
     ridge: float = 1.0  # lam = ridge * trace(X^T X) / d, so it is scale free
     refine_steps: int = 0

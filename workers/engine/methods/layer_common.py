@@ -36,10 +36,11 @@ class LayerMethodOptions(MethodOptions):
     compensation: bool = Field(False, description="Fit and merge a projection that corrects the hidden-state drift.")
     micro_batch_size: int = Field(4, ge=1, le=1024, description="Calibration samples per forward/backward.")
     compensation_placement: Placement = Field(
-        "after_cut",
+        "around_cut",
         description=(
-            "Which kept layer receives a projection per removed block: after_cut (the next kept layer), before_cut "
-            "(the previous one), around_cut (both, each kept only if it helps), or the layers of largest shift."
+            "Which kept layer receives a projection per removed block: around_cut (default: the previous and the "
+            "next kept layer, each kept only if it helps), after_cut (the next one), before_cut (the previous one), "
+            "or the layers of largest shift."
         ),
     )
     compensation_max_projections: int = Field(
