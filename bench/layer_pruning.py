@@ -291,11 +291,19 @@ def report(args) -> None:
             if key == "dense":
                 continue
             series.setdefault(label(entry), []).append((entry["k"], entry["wikitext2_ppl"]))
+        n_ratios = len({k for points in series.values() for k, _ in points})
+        # Placement variants and one-ratio variants stay in the tables, so the plot stays readable.
+        series = {n: p for n, p in series.items() if "[" not in n.split(" ")[-1] and len(p) == n_ratios}
         for name, points in sorted(series.items()):
             points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name,
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                    label=name + (" (off scale)" if name == "random" else ""),
                     linestyle="-" if "gradmap" in name else "--")
-        ax.axhline(res["evals"]["dense"]["wikitext2_ppl"], color="gray", linewidth=0.8, label="dense")
+        dense_ppl = res["evals"]["dense"]["wikitext2_ppl"]
+        ax.axhline(dense_ppl, color="gray", linewidth=0.8, label="dense")
+        # Random removal explodes by orders of magnitude; scale the axis to the real contenders.
+        contenders = [v for name, points in series.items() if name != "random" for _, v in points]
+        ax.set_ylim(dense_ppl * 0.9, 1.2 * max(contenders))
         ax.set_yscale("log")
         ax.set_xlabel(f"layers removed (of {res['n_layers']})")
         ax.set_ylabel("WikiText-2 perplexity (held-out, log scale)")

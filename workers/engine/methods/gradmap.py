@@ -37,15 +37,16 @@ class GradMAPOptions(CompensatedOptions):
     """GradMAP options: the gradient score, iterative vs one-shot, plus the shared layer options."""
 
     score: GradMAPScore = Field(
-        "residual",
+        "kl_fisher",
         description=(
-            "Layer importance from one backward pass. residual (default): mean_t |dL/dh_out . (h_out - h_in)|, the "
+            "Layer importance from one backward pass. kl_fisher (default, see below); residual: "
+            "mean_t |dL/dh_out . (h_out - h_in)|, the "
             "per-token magnitude of the first-order loss change of removing the layer; residual_signed: the signed "
             "estimate -sum_t dL/dh_out . (h_out - h_in); residual_sum_abs: |sum_t .|; "
             "residual_relative: |.| weighted by the relative size of the layer's update; residual_fisher: the "
             "second-order term 1/2 mean_t (N dL/dh_out . (h_out - h_in))^2 (empirical Fisher); kl_fisher: the same "
-            "with labels sampled from the model, an estimate of the KL to the current model (with "
-            "compensate_in_loop it measured best on SmolLM2 at 20-30 %, at ~3x the scoring time); grad_delta_norm: "
+            "with labels sampled from the model, an estimate of the KL to the current model (measured best over "
+            "both built-in models and all ratios, docs/benchmarks/layer-pruning.md); grad_delta_norm: "
             "sum_t ||dL/dh_out|| ||h_out - h_in||; grad_influence: mean_t 1 - cos(dL/dh_in, dL/dh_out); "
             "fwd_bwd_influence: that plus 1 - cos(h_in, h_out); grad_mean: mean |dL/dW|; taylor: mean |W * dL/dW|."
         ),
