@@ -233,11 +233,9 @@ def print_pivots(res: dict[str, Any]) -> None:
         print(f"\n{title}; dense = {fmt.format(dense[metric])}\n")
         print("| method | " + " | ".join(f"k={k}" for k in ks) + " |")
         print("|---|" + "---|" * len(ks))
-        best = {k: min((row[k][metric] for row in by_label.values() if k in row and metric in row[k]),
-                       default=None) for k in ks}
-        if metric == "zero_shot_avg_acc":
-            best = {k: max((row[k][metric] for row in by_label.values() if k in row and metric in row[k]),
-                           default=None) for k in ks}
+        pick = max if metric == "zero_shot_avg_acc" else min  # accuracy: higher is better
+        best = {k: pick((row[k][metric] for row in by_label.values() if metric in row.get(k, {})), default=None)
+                for k in ks}
         rows = sorted(by_label.items(), key=lambda item: item[1].get(ks[-1], {}).get(metric, math.inf))
         for name, row in rows:
             if not any(metric in row.get(k, {}) for k in ks):

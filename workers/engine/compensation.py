@@ -191,6 +191,20 @@ def find_writer(block: nn.Module) -> tuple[nn.Linear, nn.Module | None, str] | N
     return None
 
 
+def snapshot_linear(linear: nn.Linear) -> Callable[[], None]:
+    """Copy a Linear's weight (and bias); the returned function puts them back."""
+    weight = linear.weight.detach().clone()
+    bias = None if linear.bias is None else linear.bias.detach().clone()
+
+    @torch.no_grad()
+    def restore() -> None:
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+
+    return restore
+
+
 @torch.no_grad()
 def merge_projection(writer: nn.Linear, projection: torch.Tensor) -> None:
     """Make `writer(x)` return `writer(x) @ P`: W <- P^T W, b <- b P (computed in fp32)."""
@@ -462,8 +476,7 @@ def compensate(
                 hz, hr, ht = heldout
                 entry["heldout_mse_before"] = mse(hr + apply_writer(hz, eye, post_norm), ht)
                 entry["heldout_mse_after"] = mse(hr + apply_writer(hz, projection, post_norm), ht)
-        weight = writer.weight.detach().clone()
-        bias = None if writer.bias is None else writer.bias.detach().clone()
+        restore_writer = snapshot_linear(writer)
         merge_projection(writer, projection)
         candidate = pruned_loss(judge_ids)
         bar = None if current is None else current * (1.0 - config.min_improvement)
@@ -477,20 +490,14 @@ def compensate(
                 torch.cat([z, hz]), torch.cat([residual, hr]), torch.cat([target, ht]), post_norm,
                 config.ridge, config.refine_steps, config.refine_lr,
             )
-            with torch.no_grad():
-                writer.weight.copy_(weight)
-                if bias is not None:
-                    writer.bias.copy_(bias)
+            restore_writer()
             merge_projection(writer, projection)
             candidate = pruned_loss(judge_ids)
             entry.update({"refit_on_all_rows": int(z.shape[0] + hz.shape[0]), "loss_after_refit": candidate})
         if accepted:
             current = candidate
         else:
-            with torch.no_grad():
-                writer.weight.copy_(weight)
-                if bias is not None:
-                    writer.bias.copy_(bias)
+            restore_writer()
         report["projections"].append(entry)
 
     progress(1.0, "compensation validated")

@@ -12,7 +12,7 @@ share, so the gradients equal those of the whole batch); scores accumulate in fp
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Literal, get_args
 
@@ -124,6 +124,17 @@ def sampled_label_loss(model: nn.Module, batch: torch.Tensor, generator: torch.G
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
+def weighted_micro_batches(
+    ids: torch.Tensor, micro_batch_size: int, check_cancel: Callable[[], None]
+) -> Iterator[tuple[torch.Tensor, float]]:
+    """(micro-batch, its share of the predicted tokens): losses scaled by the share sum to the
+    whole batch's mean loss, so the accumulated gradients equal those of one full-batch pass."""
+    n_tokens = ids.shape[0] * (ids.shape[1] - 1)
+    for batch in micro_batches(ids, micro_batch_size):
+        check_cancel()
+        yield batch, batch.shape[0] * (batch.shape[1] - 1) / n_tokens
+
+
 def residual_scores(
     model: nn.Module,
     ids: torch.Tensor,
@@ -138,12 +149,11 @@ def residual_scores(
     n_tokens = ids.shape[0] * (ids.shape[1] - 1)
     generator = torch.Generator(device=model_device(model)).manual_seed(0)
     with gradients_only_on(model, []), embeddings_require_grad(model):
-        for batch in micro_batches(ids, micro_batch_size):
-            check_cancel()
+        for batch, share in weighted_micro_batches(ids, micro_batch_size, check_cancel):
             with BlockIO(model, keep_graph=True) as io:
-                share = batch.shape[0] * (batch.shape[1] - 1) / n_tokens
-                loss = sampled_label_loss(model, batch, generator) if kind == "kl_fisher" else None
-                if loss is None:
+                if kind == "kl_fisher":
+                    loss = sampled_label_loss(model, batch, generator)
+                else:
                     loss = forward_ids(model, batch, labels=True).loss
                 (loss.float() * share).backward()
                 on_backward()
@@ -182,12 +192,9 @@ def weight_scores(
     layers = find_layers(model).layers
     per_block = [block_weights(block) for block in layers]
     params = [p for block in per_block for p in block]
-    n_tokens = ids.shape[0] * (ids.shape[1] - 1)
     with gradients_only_on(model, params):
-        for batch in micro_batches(ids, micro_batch_size):
-            check_cancel()
+        for batch, share in weighted_micro_batches(ids, micro_batch_size, check_cancel):
             out = forward_ids(model, batch, labels=True)
-            share = batch.shape[0] * (batch.shape[1] - 1) / n_tokens
             (out.loss.float() * share).backward()
             on_backward()
             del out

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from pydantic import Field
 
-from workers.engine.compensation import compensate, find_writer
+from workers.engine.compensation import compensate, find_writer, snapshot_linear
 from workers.engine.layers import find_layers, layer_subset
 from workers.engine.methods.gradient_scores import ResidualScore, WeightScore, gradient_scores
 from workers.engine.methods.layer_common import (
@@ -69,20 +69,11 @@ def restorable_writers(model: torch.nn.Module) -> Iterator[Callable[[], None]]:
     In-loop compensation merges projections into these weights; the original model (all layers,
     untouched weights) must come back before each refit and before the selector returns.
     """
-    saved = []
-    for block in find_layers(model).layers:
-        found = find_writer(block)
-        if found is not None:
-            writer = found[0]
-            bias = None if writer.bias is None else writer.bias.detach().clone()
-            saved.append((writer, writer.weight.detach().clone(), bias))
+    restores = [snapshot_linear(found[0]) for block in find_layers(model).layers if (found := find_writer(block))]
 
-    @torch.no_grad()
     def restore() -> None:
-        for writer, weight, bias in saved:
-            writer.weight.copy_(weight)
-            if bias is not None:
-                writer.bias.copy_(bias)
+        for restore_writer in restores:
+            restore_writer()
 
     try:
         yield restore
