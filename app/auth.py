@@ -1,18 +1,33 @@
-"""API keys: `Authorization: Bearer <key>`; only the sha256 of a key is stored."""
+"""API keys: `Authorization: Bearer <key>`; only the sha256 of a key is stored.
+
+A generated key reads `sf_<public id>_<secret>`: the public id (stored in clear, shown in listings
+and logs) names the key, the secret never leaves the hash. A key chosen by an operator (the
+bootstrap key) has no public id; it is named by a fragment of its hash instead.
+
+Authentication is on every request, so verified keys are kept in a small in-process TTL cache:
+a poll costs no database round trip. Revoking a key clears it from this process's cache at once
+and from every other process within `KEY_CACHE_TTL_SECONDS`.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
+import threading
+import time
 
 from fastapi import Request
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
 
+from app.db import session_scope
 from app.errors import ApiError
 from app.models import DEFAULT_TENANT, ApiKey, Tenant
 
 KEY_PREFIX = "sf_"
+KEY_CACHE_TTL_SECONDS = 10.0
+_GENERATED_KEY = re.compile(r"^sf_([0-9a-f]{12})_[A-Za-z0-9_-]{20,}$")
 
 
 def hash_key(key: str) -> str:
@@ -20,7 +35,13 @@ def hash_key(key: str) -> str:
 
 
 def generate_key() -> str:
-    return KEY_PREFIX + secrets.token_urlsafe(32)
+    return f"{KEY_PREFIX}{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
+
+
+def public_id(key: str) -> str:
+    """The part of a key that may be stored and shown in clear."""
+    match = _GENERATED_KEY.match(key)
+    return match.group(1) if match else "h" + hash_key(key)[:11]
 
 
 def ensure_tenant(session: Session, tenant_id: str) -> None:
@@ -33,9 +54,20 @@ def create_key(session: Session, tenant_id: str, name: str = "", key: str | None
     """Store a new key for a tenant (creating the tenant if needed) and return the plaintext key once."""
     key = key or generate_key()
     ensure_tenant(session, tenant_id)
-    session.add(ApiKey(tenant_id=tenant_id, key_hash=hash_key(key), prefix=key[:8], name=name))
+    session.add(ApiKey(tenant_id=tenant_id, key_hash=hash_key(key), prefix=public_id(key), name=name))
     session.flush()
     return key
+
+
+def revoke_key(session: Session, key_or_public_id: str) -> int:
+    """Revoke by public id (or by the key itself); returns how many keys were revoked."""
+    ident = key_or_public_id.strip()
+    condition = ApiKey.key_hash == hash_key(ident) if ident.startswith(KEY_PREFIX) else ApiKey.prefix == ident
+    hashes = session.scalars(select(ApiKey.key_hash).where(condition)).all()
+    session.execute(update(ApiKey).where(condition).values(revoked=True))
+    for digest in hashes:
+        KEY_CACHE.forget(digest)
+    return len(hashes)
 
 
 def bootstrap_keys(session: Session, bootstrap_key: str | None) -> str | None:
@@ -54,12 +86,48 @@ def bootstrap_keys(session: Session, bootstrap_key: str | None) -> str | None:
     return None
 
 
-def tenant_for_request(request: Request, session: Session) -> str:
+class KeyCache:
+    """key hash -> (tenant, expiry). Only valid keys are cached; misses always ask the database."""
+
+    def __init__(self, ttl: float = KEY_CACHE_TTL_SECONDS, max_entries: int = 10_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> str | None:
+        entry = self._entries.get(digest)
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
+
+    def put(self, digest: str, tenant: str) -> None:
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()  # bounded memory; the next requests refill it
+            self._entries[digest] = (tenant, time.monotonic() + self.ttl)
+
+    def forget(self, digest: str) -> None:
+        with self._lock:
+            self._entries.pop(digest, None)
+
+
+KEY_CACHE = KeyCache()
+
+
+def bearer_digest(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise ApiError(401, "unauthorized", "Missing API key: send 'Authorization: Bearer <key>'.")
-    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key.strip())))
+    return hash_key(key.strip())
+
+
+def lookup_tenant(sessions: sessionmaker[Session], digest: str) -> str:
+    """The tenant of a valid key (database read, then cached); 401 otherwise."""
+    with session_scope(sessions) as session:
+        row = session.execute(select(ApiKey.tenant_id, ApiKey.revoked).where(ApiKey.key_hash == digest)).first()
     if row is None or row.revoked:
         raise ApiError(401, "unauthorized", "Invalid or revoked API key.")
+    KEY_CACHE.put(digest, row.tenant_id)
     return row.tenant_id

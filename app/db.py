@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Connections per process: the API's threadpool (see app.main.THREADPOOL_SIZE) plus background
+# threads (reaper, webhooks, event catch-up) never need more than this at once.
+POOL_SIZE = 8
+POOL_OVERFLOW = 32
 
 
 def make_engine(url: str) -> Engine:
@@ -19,12 +31,16 @@ def make_engine(url: str) -> Engine:
             # WAL lets the API read while a worker writes; foreign keys are off by default in SQLite.
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")  # durable in WAL mode, fewer fsyncs
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    # pre_ping: a connection broken by a database restart is replaced instead of failing a request.
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, pool_timeout=10, pool_recycle=1800
+    )
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -43,3 +59,25 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """True for errors that mean "the database is unreachable right now", not "the query is wrong"."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OperationalError)
+
+
+def retry_on_disconnect(fn: Callable[[], T], budget_seconds: float = 60.0, what: str = "database call") -> T:
+    """Run fn, retrying while the database is unreachable (e.g. restarting) for up to budget_seconds."""
+    deadline = time.monotonic() + budget_seconds
+    delay = 0.2
+    while True:
+        try:
+            return fn()
+        except (OperationalError, DBAPIError) as exc:
+            if not is_disconnect(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: database unreachable (%s); retrying in %.1f s", what, type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)

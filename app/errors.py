@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from workers.engine.types import EngineError
 
+log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
 
 # Engine error codes that mean "the request was wrong" map to 4xx statuses.
@@ -27,11 +31,14 @@ ENGINE_ERROR_STATUS = {
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, detail: str, **extra: Any) -> None:
+    def __init__(
+        self, status: int, code: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.code = code
         self.detail = detail
+        self.headers = headers
         self.extra = extra
 
 
@@ -61,7 +68,19 @@ def _validation_detail(exc: RequestValidationError) -> tuple[str, list[dict[str,
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return problem(exc.status, exc.code, exc.detail, **exc.extra)
+        return problem(exc.status, exc.code, exc.detail, headers=exc.headers, **exc.extra)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(PoolTimeout)
+    async def _database_down(_request: Request, exc: Exception) -> JSONResponse:
+        # A restarting or unreachable database is a temporary condition, not a server bug.
+        log.warning("database unavailable: %s", exc.__class__.__name__)
+        return problem(
+            503,
+            "database_unavailable",
+            "The job store is unreachable right now; retry in a few seconds.",
+            headers={"Retry-After": "5"},
+        )
 
     @app.exception_handler(EngineError)
     async def _engine_error(_request: Request, exc: EngineError) -> JSONResponse:

@@ -11,6 +11,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.errors import ApiError
+from app.events import PENDING_KEY
 from app.models import Dataset, Job, JobEvent, utcnow
 from app.schemas import DatasetCalibration, JobCreate
 from app.settings import Settings
@@ -84,11 +85,19 @@ def _tenant_dataset(session: Session, tenant_id: str, dataset_id: str) -> Datase
 def add_event(
     session: Session, job_id: str, kind: str, message: str, stage: str | None = None, data: dict | None = None
 ) -> None:
-    """Append an event with the job's next sequence number (atomic increment on the job row)."""
+    """Append an event with the job's next sequence number (atomic increment on the job row).
+
+    The event is also queued on the session for publication once the transaction commits (app.events).
+    """
     seq = session.execute(
         update(Job).where(Job.id == job_id).values(event_count=Job.event_count + 1).returning(Job.event_count)
     ).scalar_one()
-    session.add(JobEvent(job_id=job_id, seq=seq, kind=kind, stage=stage, message=message, data=data))
+    created = utcnow()
+    session.add(
+        JobEvent(job_id=job_id, seq=seq, kind=kind, stage=stage, message=message, data=data, created_at=created)
+    )
+    payload = {"job_id": job_id, "seq": seq, "created_at": created.isoformat(), "kind": kind, "stage": stage}
+    session.info.setdefault(PENDING_KEY, []).append({**payload, "message": message, "data": data})
 
 
 def create_job(

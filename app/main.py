@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
 from fastapi import FastAPI
 
 from app.api import artifacts, catalog, datasets, health, jobs
@@ -12,6 +16,14 @@ from app.settings import Settings, get_settings
 
 # Room for multipart framing around the largest allowed upload.
 MULTIPART_OVERHEAD = 64 * 1024
+# Threads for sync route bodies; each holds at most one pooled connection (app.db.POOL_*).
+THREADPOOL_SIZE = 32
+
+
+@asynccontextmanager
+async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    anyio.to_thread.current_default_thread_limiter().total_tokens = THREADPOOL_SIZE
+    yield
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
@@ -20,6 +32,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         title="Slimforge",
         version="1",
         description="Compression-as-a-service for LLMs: GradMAP layer pruning, LLM-Pruner width pruning.",
+        lifespan=lifespan,
     )
     app.state.services = services or Services.build(settings)
     install_error_handlers(app)

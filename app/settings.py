@@ -42,6 +42,17 @@ class Settings(BaseSettings):
     broker_visibility_timeout_seconds: int = 6 * 3600
     device: str = "auto"
     queue_name: str = "slimforge"
+    # Load and fault tolerance (docs/reliability.md).
+    # Concurrent SSE streams one API key may hold in one API process (429 beyond).
+    max_streams_per_key: int = 256
+    # SSE keep-alive comment interval; each one also re-reads missed events from the database.
+    sse_heartbeat_seconds: float = 15.0
+    # A job still `queued` this long after it was last sent is re-sent unless the broker holds it.
+    requeue_grace_seconds: float = 30.0
+    # How long workers keep retrying while the database is unreachable (e.g. restarting).
+    db_retry_seconds: float = 60.0
+    # On SIGTERM, how long to wait for the running job to hand itself back to the queue.
+    shutdown_grace_seconds: float = 60.0
 
     @field_validator("allowed_model_roots", mode="before")
     @classmethod

@@ -6,7 +6,8 @@ from functools import cache
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db import make_engine, make_session_factory
+from app.db import make_engine
+from app.services import session_factory
 from app.settings import get_settings
 from workers.celery_app import RUN_JOB_TASK, celery_app
 from workers.runner import run_job
@@ -14,7 +15,8 @@ from workers.runner import run_job
 
 @cache
 def _sessions() -> sessionmaker[Session]:
-    return make_session_factory(make_engine(get_settings().resolved_database_url))
+    settings = get_settings()
+    return session_factory(settings, make_engine(settings.resolved_database_url))
 
 
 @celery_app.task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True)

@@ -1,14 +1,21 @@
-"""FastAPI dependencies: services, a database session per request, the caller's tenant."""
+"""FastAPI dependencies: services, a database session per request, the caller's tenant.
+
+Both request-scoped dependencies are async on purpose. A sync generator dependency would open its
+session in one threadpool hop and close it in another; under load the closes then queue behind
+requests that wait for the connections those sessions still hold, and the API deadlocks. Here a
+route body is the only thread hop, and the session is closed on the event loop.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from app.auth import tenant_for_request
+from app.auth import KEY_CACHE, bearer_digest, lookup_tenant
 from app.services import Services
 
 
@@ -16,16 +23,20 @@ def get_services(request: Request) -> Services:
     return request.app.state.services
 
 
-def get_session(services: Annotated[Services, Depends(get_services)]) -> Iterator[Session]:
-    session = services.sessions()
+async def get_session(services: Annotated[Services, Depends(get_services)]) -> AsyncIterator[Session]:
+    session = services.sessions()  # no connection until the route's first statement
     try:
         yield session
     finally:
         session.close()
 
 
-def get_tenant(request: Request, session: Annotated[Session, Depends(get_session)]) -> str:
-    return tenant_for_request(request, session)
+async def get_tenant(request: Request, services: Annotated[Services, Depends(get_services)]) -> str:
+    digest = bearer_digest(request)
+    tenant = KEY_CACHE.get(digest)
+    if tenant is None:
+        tenant = await run_in_threadpool(lookup_tenant, services.sessions, digest)
+    return tenant
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]

@@ -12,9 +12,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import and_, or_, select, update
+from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ServicesDep, SessionDep, TenantDep
+from app.auth import bearer_digest
 from app.errors import ApiError
+from app.events import TooManyStreams, is_terminal_event
 from app.jobs_service import add_event, create_job, tenant_job, validate_job
 from app.models import JOB_STATUSES, TERMINAL_STATUSES, Job, JobEvent, utcnow
 from app.schemas import EventOut, JobCreate, JobOut, JobPage
@@ -23,6 +26,9 @@ from workers.engine.modelzoo import BUILTIN_PREFIX, resolve_checkpoint
 from workers.engine.pipeline import plan
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+# Event sequence numbers are 32-bit integers in the store.
+MAX_SEQ = 2**31 - 1
+EVENT_PAGE = 500
 
 
 @router.post("", status_code=202, response_model=JobOut)
@@ -82,8 +88,20 @@ def _dry_run(body: JobCreate, spec: dict[str, Any], services: ServicesDep) -> di
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
-    return JobOut.from_row(tenant_job(session, tenant, job_id))
+def get_job(job_id: str, request: Request, session: SessionDep, tenant: TenantDep) -> Response:
+    """The job; `ETag` + `If-None-Match` make an unchanged poll a bodiless 304."""
+    job = tenant_job(session, tenant, job_id)
+    etag = job_etag(job)
+    headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    return Response(JobOut.from_row(job).model_dump_json(), media_type="application/json", headers=headers)
+
+
+def job_etag(job: Job) -> str:
+    """Changes whenever the row does: every worker write bumps updated_at, every event event_count."""
+    stamp = job.updated_at.timestamp() if job.updated_at else 0.0
+    return f'W/"{job.event_count}-{stamp:.6f}-{job.status}"'
 
 
 def _encode_cursor(job: Job) -> str:
@@ -188,7 +206,7 @@ def retry_job(job_id: str, response: Response, services: ServicesDep, session: S
     return JobOut.from_row(job)
 
 
-def _events_after(session: SessionDep, job_id: str, after: int, limit: int = 500) -> list[EventOut]:
+def _events_after(session: SessionDep, job_id: str, after: int, limit: int = EVENT_PAGE) -> list[EventOut]:
     rows = session.scalars(
         select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after).order_by(JobEvent.seq).limit(limit)
     ).all()
@@ -197,7 +215,7 @@ def _events_after(session: SessionDep, job_id: str, after: int, limit: int = 500
 
 @router.get("/{job_id}/events", response_model=list[EventOut])
 def list_events(
-    job_id: str, session: SessionDep, tenant: TenantDep, after: Annotated[int, Query(ge=0)] = 0
+    job_id: str, session: SessionDep, tenant: TenantDep, after: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0
 ) -> list[EventOut]:
     tenant_job(session, tenant, job_id)
     return _events_after(session, job_id, after)
@@ -205,26 +223,93 @@ def list_events(
 
 @router.get("/{job_id}/events/stream")
 async def stream_events(
-    job_id: str, request: Request, services: ServicesDep, tenant: TenantDep, after: Annotated[int, Query(ge=0)] = 0
+    job_id: str,
+    request: Request,
+    services: ServicesDep,
+    tenant: TenantDep,
+    after: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
 ) -> StreamingResponse:
-    """Server-Sent Events: each event once, in order; the stream ends when the job is terminal."""
-    with services.sessions() as session:
-        tenant_job(session, tenant, job_id)
-    last = int(request.headers.get("last-event-id", after) or after)
+    """Server-Sent Events: each event once, in order; the stream ends when the job is terminal.
+
+    No database connection is held while the stream waits: live events arrive from the process's
+    hub (app.events), and the database is read only to resume (`Last-Event-ID` / `after`), to fill
+    a gap, and at each keep-alive.
+    """
+    last = resume_point(request.headers.get("last-event-id"), after)
+    await run_in_threadpool(_check_job, services, tenant, job_id)
+    try:
+        subscription = services.subscribe(job_id, owner=bearer_digest(request))
+    except TooManyStreams:
+        raise ApiError(
+            429,
+            "too_many_streams",
+            f"This key already holds {services.settings.max_streams_per_key} event streams on this server; "
+            "close some, or poll GET /v1/jobs/{id} with If-None-Match instead.",
+            headers={"Retry-After": "5"},
+        ) from None
+    heartbeat = services.settings.sse_heartbeat_seconds
+
+    async def catch_up() -> tuple[list[EventOut], bool]:
+        return await run_in_threadpool(_events_and_terminal, services, job_id, last)
+
+    def frame(event: EventOut) -> str:
+        return f"id: {event.seq}\nevent: {event.kind}\ndata: {event.model_dump_json()}\n\n"
 
     async def generate() -> AsyncIterator[str]:
         nonlocal last
-        while not await request.is_disconnected():
-            with services.sessions() as session:
-                events = _events_after(session, job_id, last)
-                status = session.scalar(select(Job.status).where(Job.id == job_id))
-            for event in events:
-                last = event.seq
-                yield f"id: {event.seq}\nevent: {event.kind}\ndata: {event.model_dump_json()}\n\n"
-            if not events and status in TERMINAL_STATUSES:
-                return
-            if not events:
-                yield ": keep-alive\n\n"
-                await asyncio.sleep(1.0)
+        try:
+            # Subscribed before this first read, so nothing committed in between is missed.
+            events, terminal = await catch_up()
+            while True:
+                for event in events:
+                    if event.seq > last:
+                        last = event.seq
+                        yield frame(event)
+                if terminal:
+                    return
+                try:
+                    payload = await asyncio.wait_for(subscription.queue.get(), timeout=heartbeat)
+                except TimeoutError:
+                    yield ": keep-alive\n\n"
+                    events, terminal = await catch_up()
+                    continue
+                if payload["seq"] <= last:
+                    events, terminal = [], False
+                elif payload["seq"] == last + 1:
+                    events, terminal = [EventOut.model_validate(payload)], is_terminal_event(payload)
+                else:  # a gap (a message lost or dropped): read the missing events from the database
+                    events, terminal = await catch_up()
+        finally:
+            subscription.close()
 
-    return StreamingResponse(generate(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(
+        generate(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
+def resume_point(last_event_id: str | None, after: int) -> int:
+    """The sequence number to resume after: `Last-Event-ID` (a reconnecting EventSource) wins over `after`."""
+    if last_event_id is None or not last_event_id.strip():
+        return after
+    value = last_event_id.strip()
+    if not value.isdigit() or int(value) > MAX_SEQ:
+        raise ApiError(
+            400,
+            "invalid_last_event_id",
+            f"Last-Event-ID must be an event sequence number (0..{MAX_SEQ}), not {value[:40]!r}.",
+        )
+    return int(value)
+
+
+def _check_job(services: ServicesDep, tenant: str, job_id: str) -> None:
+    with services.sessions() as session:
+        tenant_job(session, tenant, job_id)
+
+
+def _events_and_terminal(services: ServicesDep, job_id: str, after: int) -> tuple[list[EventOut], bool]:
+    """Events after `after`, and whether the stream may end after them (job terminal, nothing left)."""
+    with services.sessions() as session:
+        events = _events_after(session, job_id, after)
+        status = session.scalar(select(Job.status).where(Job.id == job_id))
+    complete = len(events) < EVENT_PAGE
+    return events, complete and status in TERMINAL_STATUSES
