@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from types import FrameType
+
+import uvicorn
 
 from app.settings import Settings, get_settings
+from workers import shutdown
+
+log = logging.getLogger(__name__)
 
 
 def _bootstrap(settings: Settings, migrate: bool) -> None:
@@ -32,26 +38,51 @@ def _bootstrap(settings: Settings, migrate: bool) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from app.main import create_app
     from app.services import Services
     from workers.reaper import Reaper
 
     settings = get_settings()
     embedded = settings.embedded_broker if args.embedded_worker == "auto" else args.embedded_worker == "yes"
+    if args.workers > 1 and embedded:
+        print(
+            "slimforge serve --workers N needs a production broker (SLIMFORGE_BROKER_URL, e.g. redis://...) and "
+            "database (SLIMFORGE_DATABASE_URL) with separate `slimforge worker` processes; the embedded "
+            "default runs one process.",
+            file=sys.stderr,
+        )
+        return 2
     migrate = args.migrate if args.migrate is not None else settings.resolved_database_url.startswith("sqlite")
     _bootstrap(settings, migrate)
     services = Services.build(settings)
+    Reaper(services.sessions, settings, services.enqueue).start()
+    common = dict(host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
+    if args.workers > 1:
+        # Each process builds its own app (and connection pool) from the same environment.
+        uvicorn.run("app.main:create_app", factory=True, workers=args.workers, timeout_graceful_shutdown=10, **common)
+        return 0
+    controller = None
     if embedded:
         from app.embedded import start_worker_thread
         from workers.celery_app import celery_app
 
-        start_worker_thread(celery_app, settings.queue_name)
-    Reaper(services.sessions, settings, services.enqueue).start()
-    app = create_app(settings, services)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        controller = start_worker_thread(celery_app, settings.queue_name)
+    server = HandBackServer(uvicorn.Config(create_app(settings, services), timeout_graceful_shutdown=10, **common))
+    server.run()
+    if controller is not None:
+        shutdown.request()  # also set by the signal handler; here for any other way out of run()
+        if not shutdown.wait_until_idle(settings.shutdown_grace_seconds):
+            log.warning("the running job did not hand itself back in time; the reaper will re-queue it")
+        controller.stop()  # type: ignore[attr-defined]
     return 0
+
+
+class HandBackServer(uvicorn.Server):
+    """uvicorn, except that SIGTERM/SIGINT also tell the embedded worker's job to hand itself back at once."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        shutdown.request()
+        super().handle_exit(sig, frame)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -63,8 +94,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings.ensure_dirs()
     services = Services.build(settings)
     Reaper(services.sessions, settings, services.enqueue).start()
+    from celery.signals import worker_shutting_down
+
     import workers.tasks  # noqa: F401
 
+    # Warm shutdown (SIGTERM): the running job hands itself back instead of running to the end.
+    worker_shutting_down.connect(lambda **_: shutdown.request(), weak=False)
     argv = [
         "worker",
         "--pool=solo",
@@ -107,6 +142,20 @@ def cmd_create_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_revoke_key(args: argparse.Namespace) -> int:
+    from app.auth import revoke_key
+    from app.db import make_engine, make_session_factory, session_scope
+
+    settings = get_settings()
+    with session_scope(make_session_factory(make_engine(settings.resolved_database_url))) as session:
+        count = revoke_key(session, args.key)
+    if not count:
+        print(f"no key with public id {args.key!r}", file=sys.stderr)
+        return 1
+    print(f"revoked {count} key(s); other API processes stop accepting it within their cache TTL (10 s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="upgrade the database first (default: only for SQLite)",
     )
+    serve.add_argument("--workers", type=int, default=1, help="API processes (production mode only)")
+    serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
     serve.set_defaults(handler=cmd_serve)
 
     worker = sub.add_parser("worker", help="run a Celery worker (one job at a time) for production")
@@ -143,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("--tenant", default="default")
     key.add_argument("--name", default="")
     key.set_defaults(handler=cmd_create_key)
+
+    revoke = sub.add_parser("revoke-key", help="revoke an API key by its public id (sf_<public id>_...)")
+    revoke.add_argument("key", help="the key's public id, or the whole key")
+    revoke.set_defaults(handler=cmd_revoke_key)
 
     from workers.engine.cli_eval import add_eval_parser
     from workers.engine.cli_prune import add_prune_parser

@@ -1,4 +1,5 @@
 """The reaper: jobs whose worker died (no heartbeat) are re-queued, or failed once out of attempts.
+Each pass also runs the outbox sweeper (workers/outbox.py) for queued jobs the broker lost.
 
 Every change is a conditional UPDATE on the stale heartbeat, so any number of reapers (one per API
 and worker process) can run at once. A lost job is noticed within
@@ -20,6 +21,7 @@ from app.jobs_service import add_event
 from app.models import Job, utcnow
 from app.settings import Settings
 from app.webhooks import notify_terminal
+from workers.outbox import resend_lost_jobs
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +87,9 @@ class Reaper:
         while not self._stop.wait(self.settings.reaper_interval_seconds):
             try:
                 reap_once(self.sessions, self.settings, self.enqueue)
-            except Exception:
-                log.exception("reaper pass failed")
+                resend_lost_jobs(self.sessions, self.settings, self.enqueue)
+            except Exception as exc:  # e.g. the database restarting: the next pass tries again
+                log.warning("reaper pass failed: %s", exc)
 
     def start(self) -> Reaper:
         self._thread.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -14,11 +15,12 @@ import torch
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db import session_scope
+from app.db import retry_on_disconnect, session_scope
 from app.jobs_service import add_event
 from app.models import Artifact, ArtifactFile, Dataset, Job, new_id, utcnow
 from app.settings import Settings
 from app.webhooks import notify_terminal
+from workers import shutdown
 from workers.engine import pipeline
 from workers.engine.artifact import write_artifact
 from workers.engine.calibration import read_calibration_file, self_generated_batches, token_batches
@@ -79,20 +81,29 @@ def claim(sessions: sessionmaker[Session], job_id: str) -> int | None:
         return attempt
 
 
+HANDED_BACK = "handed_back"
+
+
 def run_job(job_id: str, settings: Settings, sessions: sessionmaker[Session]) -> str | None:
-    """Execute a job if it is ours to run; returns its terminal status (None when skipped)."""
-    status = _run_claimed(job_id, settings, sessions)
-    if status is not None:
+    """Execute a job if it is ours to run; returns its terminal status, HANDED_BACK, or None when skipped."""
+    if shutdown.REQUESTED.is_set():
+        return HANDED_BACK  # delivered while shutting down: the caller sends it back unclaimed
+    shutdown.IDLE.clear()
+    try:
+        status = _run_claimed(job_id, settings, sessions)
+    finally:
+        shutdown.IDLE.set()
+    if status not in (None, HANDED_BACK):
         notify_terminal(sessions, job_id, settings.webhook_secret)
     return status
 
 
 def _run_claimed(job_id: str, settings: Settings, sessions: sessionmaker[Session]) -> str | None:
-    attempt = claim(sessions, job_id)
+    attempt = retry_on_disconnect(lambda: claim(sessions, job_id), settings.db_retry_seconds, f"claim {job_id}")
     if attempt is None:
         log.info("job %s not claimed (not queued)", job_id)
         return None
-    state = JobState(sessions, job_id, attempt)
+    state = JobState(sessions, job_id, attempt, db_retry_seconds=settings.db_retry_seconds)
     with sessions() as session:
         job = session.get(Job, job_id)
         assert job is not None
@@ -104,11 +115,30 @@ def _run_claimed(job_id: str, settings: Settings, sessions: sessionmaker[Session
         return _publish(sessions, state, tenant_id, work_dir, report, files, settings)
     except JobCancelled:
         return _end(sessions, state, "cancelled")
+    except shutdown.HandBack:
+        try:
+            state.hand_back()
+        except LostOwnership:
+            return None
+        log.info("job %s handed back: this worker is shutting down", job_id)
+        return HANDED_BACK
     except LostOwnership:
         log.warning("job %s attempt %s lost ownership; abandoning", job_id, attempt)
         return None
     except EngineError as exc:
         return _end(sessions, state, "failed", code=exc.code, message=exc.message)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            log.exception("job %s failed", job_id)
+            return _end(sessions, state, "failed", code="internal_error", message=f"{type(exc).__name__}: {exc}"[:2000])
+        return _end(
+            sessions,
+            state,
+            "failed",
+            code="disk_full",
+            message="The server's data directory ran out of space while writing the artifact; "
+            "nothing was published. Free space (or ask the operator to), then retry the job.",
+        )
     except torch.cuda.OutOfMemoryError as exc:
         return _end(sessions, state, "failed", code="out_of_memory", message=f"The device ran out of memory: {exc}")
     except Exception as exc:
@@ -121,12 +151,16 @@ def _run_claimed(job_id: str, settings: Settings, sessions: sessionmaker[Session
 def _end(
     sessions: sessionmaker[Session], state: JobState, status: str, code: str | None = None, message: str | None = None
 ) -> str | None:
-    try:
+    values: dict[str, Any] = {}
+    if code:
+        values = {"error_code": code, "error_message": message, "error_stage": state.stage}
+
+    def write() -> None:
         with session_scope(sessions) as session:
-            values: dict[str, Any] = {}
-            if code:
-                values = {"error_code": code, "error_message": message, "error_stage": state.stage}
             state.finish(session, status, **values)
+
+    try:
+        retry_on_disconnect(write, state.db_retry_seconds, f"end job {state.job_id}")
         return status
     except LostOwnership:
         return None
@@ -290,7 +324,8 @@ def _publish(
         total_bytes=sum(f["size"] for f in files),
     )
     os.replace(work_dir / "artifact", final_dir)
-    try:
+
+    def record() -> None:
         with session_scope(sessions) as session:
             if state.should_cancel():
                 raise JobCancelled()
@@ -302,6 +337,9 @@ def _publish(
             )
             result = summarise(report)
             state.finish(session, "succeeded", artifact_id=artifact.id, result=result, progress=100.0, stage=None)
+
+    try:
+        retry_on_disconnect(record, settings.db_retry_seconds, f"publish {state.job_id}")
         return "succeeded"
     except BaseException:
         shutil.rmtree(final_dir, ignore_errors=True)

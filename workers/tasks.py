@@ -10,7 +10,7 @@ from app.db import make_engine
 from app.services import session_factory
 from app.settings import get_settings
 from workers.celery_app import RUN_JOB_TASK, celery_app
-from workers.runner import run_job
+from workers.runner import HANDED_BACK, run_job
 
 
 @cache
@@ -21,4 +21,8 @@ def _sessions() -> sessionmaker[Session]:
 
 @celery_app.task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True)
 def run_job_task(job_id: str) -> str | None:
-    return run_job(job_id, get_settings(), _sessions())
+    settings = get_settings()
+    status = run_job(job_id, settings, _sessions())
+    if status == HANDED_BACK:  # this worker is stopping: put the job back in the queue for the next one
+        celery_app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=settings.queue_name)
+    return status
