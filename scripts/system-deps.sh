@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Debian packages the test suite needs (a browser for the dashboard test, redis-server and PostgreSQL
-# binaries for the fault suite's throwaway servers, wrk for load benchmarks). Installs only what is
+# binaries for the fault suite's throwaway servers, wrk and hey for load benchmarks). Installs only what is
 # missing, so a prepared machine pays nothing.
 set -euo pipefail
 PACKAGES=(
   "redis-server:redis-server"
   "postgresql:initdb"
   "wrk:wrk"
+  "hey:hey"
 )
 missing=()
 for entry in "${PACKAGES[@]}"; do

@@ -1,0 +1,336 @@
+"""Load benchmark: the API under its own users (polling dashboards, SSE streams, submissions, lists).
+
+    .venv/bin/python bench/load.py --mode embedded   --out bench/results/load-embedded.json
+    .venv/bin/python bench/load.py --mode production --out bench/results/load-production.json
+
+`embedded` runs `slimforge serve` on the default (SQLite + in-process worker). `production` runs
+`slimforge serve --workers 2` on PostgreSQL (127.0.0.1:5432, a fresh database) + Redis
+(127.0.0.1:6379, a fresh queue name) with one `slimforge worker`. Load comes from `hey` on loopback,
+bounded in time. Scenarios (targets from issue #9, figures in docs/reliability.md):
+  polling     200 pollers at 1 req/s each on GET /v1/jobs/{id}      p99 <= 50 ms, 0 errors
+  saturation  200 concurrent, closed loop, same route                >= 800 req/s (production), p99 <= 1 s
+  health      /healthz at 10 req/s during both of the above          p99 <= 100 ms
+  streams     500 SSE subscribers open, then polling again          polling p99 <= 2x without streams
+  submissions 20 POST /v1/jobs during polling                        all 202, each job run exactly once
+  lists       GET /v1/jobs?limit=50 with 10,000 jobs in the table   p99 <= 100 ms
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.tiny_models import make_tiny_llama_dir  # noqa: E402
+
+KEY = "sf_bench_key_for_load_tests"
+SECOND_KEY = "sf_bench_second_key_for_streams"
+PG_ADMIN = os.environ.get("SLIMFORGE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS = os.environ.get("SLIMFORGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def slimforge() -> str:
+    return str(Path(sys.executable).parent / "slimforge")
+
+
+def hey(url: str, seconds: int, concurrency: int, qps: float | None = None, key: str = KEY) -> dict[str, Any]:
+    """Run hey and parse its summary: requests/s, latency percentiles (ms), status codes, errors."""
+    args = ["hey", "-z", f"{seconds}s", "-c", str(concurrency), "-t", "10", "-H", f"Authorization: Bearer {key}"]
+    if qps:
+        args += ["-q", str(qps)]
+    out = subprocess.run([*args, url], capture_output=True, text=True, timeout=seconds + 60).stdout
+    result: dict[str, Any] = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
+    for pct, secs in re.findall(r"(\d+)%% in ([\d.]+) secs".replace("%%", "%"), out):
+        result[f"p{pct}_ms"] = round(float(secs) * 1000, 1)
+    result["status"] = {code: int(n) for code, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", out)}
+    errors = out.split("Error distribution:")[1].strip().splitlines() if "Error distribution:" in out else []
+    result["errors"] = sum(int(m.group(1)) for line in errors if (m := re.match(r"\s*\[(\d+)\]", line)))
+    result["non_2xx"] = sum(n for code, n in result["status"].items() if not code.startswith(("2", "3")))
+    return result
+
+
+class Stack:
+    """The servers of one mode, started in a temp dir and stopped at the end."""
+
+    def __init__(self, mode: str, workdir: Path) -> None:
+        self.mode, self.workdir = mode, workdir
+        self.port = 18000 + os.getpid() % 1000
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.pg_db: str | None = None
+        models = workdir / "models"
+        make_tiny_llama_dir(models / "tiny-llama")
+        self.model = str(models / "tiny-llama")
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMFORGE_")}
+        self.env.update(
+            SLIMFORGE_DATA_DIR=str(workdir / "data"),
+            SLIMFORGE_BOOTSTRAP_KEY=KEY,
+            SLIMFORGE_ALLOWED_MODEL_ROOTS=str(models),
+            # The benchmark is one client address and one key at dashboard-fleet rates.
+            SLIMFORGE_RATE_LIMIT_ENABLED="false",
+            OMP_NUM_THREADS="1",
+        )
+        if mode == "production":
+            import psycopg
+
+            self.pg_db = f"slimforge_bench_{uuid.uuid4().hex[:8]}"
+            with psycopg.connect(PG_ADMIN.replace("+psycopg", ""), autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{self.pg_db}"')
+            self.env.update(
+                SLIMFORGE_DATABASE_URL=PG_ADMIN.rsplit("/", 1)[0] + f"/{self.pg_db}",
+                SLIMFORGE_BROKER_URL=REDIS,
+                SLIMFORGE_QUEUE_NAME=f"bench-{uuid.uuid4().hex[:8]}",
+            )
+
+    def _spawn(self, *args: str, log: str) -> subprocess.Popen[bytes]:
+        handle = (self.workdir / log).open("wb")
+        proc = subprocess.Popen([slimforge(), *args], env=self.env, stdout=handle, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> Stack:
+        if self.mode == "production":
+            subprocess.run([slimforge(), "migrate"], env=self.env, check=True, capture_output=True)
+            self._spawn("worker", log="worker.log")
+            serve = ["serve", "--port", str(self.port), "--workers", "2", "--no-access-log"]
+        else:
+            serve = ["serve", "--port", str(self.port), "--no-access-log"]
+        self._spawn(*serve, log="serve.log")
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise RuntimeError((self.workdir / "serve.log").read_text()[-3000:])
+        subprocess.run(
+            [slimforge(), "create-key", "--tenant", "default", "--name", "streams"],
+            env=self.env,
+            check=True,
+            capture_output=True,
+        )
+        return self
+
+    def second_key(self) -> str:
+        out = subprocess.run(
+            [slimforge(), "create-key", "--tenant", "default"], env=self.env, check=True, capture_output=True, text=True
+        )
+        return out.stdout.strip().splitlines()[-1]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if self.pg_db:
+            import psycopg
+
+            with psycopg.connect(PG_ADMIN.replace("+psycopg", ""), autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{self.pg_db}" WITH (FORCE)')
+
+
+def job_body(model: str, seq_len: int = 16) -> dict[str, Any]:
+    return {
+        "model": model,
+        "method": "last_k",
+        "target_sparsity": 0.34,
+        "calibration": {"source": "self_generated", "n_samples": 2, "seq_len": seq_len},
+    }
+
+
+def submit(client: httpx.Client, body: dict[str, Any]) -> httpx.Response:
+    return client.post("/v1/jobs", json=body)
+
+
+def wait_terminal(client: httpx.Client, job_ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    jobs: dict[str, dict[str, Any]] = {}
+    while time.monotonic() < deadline:
+        jobs = {i: client.get(f"/v1/jobs/{i}").json() for i in job_ids}
+        if all(j["status"] in ("succeeded", "failed", "cancelled") for j in jobs.values()):
+            return jobs
+        time.sleep(1.0)
+    return jobs
+
+
+async def hold_streams(base: str, paths: list[tuple[str, str]], ready: threading.Event, stop: threading.Event) -> int:
+    """Open one raw SSE connection per (path, key); count those that got a 200; hold until `stop`."""
+    host, port = base.removeprefix("http://").split(":")
+    writers = []
+    opened = 0
+    for path, key in paths:
+        try:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n\r\n".encode())
+            await writer.drain()
+            status = await asyncio.wait_for(reader.readline(), timeout=30)
+            opened += b" 200 " in status
+            writers.append(writer)
+        except (OSError, TimeoutError):
+            continue
+    ready.set()
+    while not stop.is_set():
+        await asyncio.sleep(0.2)
+    for writer in writers:
+        writer.close()
+    return opened
+
+
+def run(mode: str, seconds: int) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix=f"slimforge-load-{mode}-"))
+    stack = Stack(mode, workdir).start()
+    results: dict[str, Any] = {"mode": mode, "seconds_per_scenario": seconds}
+    try:
+        client = httpx.Client(base_url=stack.base, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+        target = submit(client, job_body(stack.model)).json()["id"]
+        wait_terminal(client, [target], 300)
+        job_url = f"{stack.base}/v1/jobs/{target}"
+        health_url = f"{stack.base}/healthz"
+
+        def with_health(load: dict[str, Any]) -> dict[str, Any]:
+            health: dict[str, Any] = {}
+            thread = threading.Thread(target=lambda: health.update(hey(health_url, seconds, 2, qps=5)))
+            thread.start()
+            out = hey(job_url, seconds, **load)
+            thread.join()
+            return {"route": out, "healthz": health}
+
+        results["polling"] = with_health({"concurrency": 200, "qps": 1})
+        results["saturation"] = with_health({"concurrency": 200})
+
+        # Submissions during polling: every one accepted, every job run exactly once.
+        accepted: list[httpx.Response] = []
+
+        def submit_during() -> None:
+            for _ in range(20):
+                accepted.append(submit(client, job_body(stack.model)))
+                time.sleep(seconds / 25)
+
+        submitter = threading.Thread(target=submit_during)
+        submitter.start()
+        results["polling_with_submissions"] = hey(job_url, seconds, 200, qps=1)
+        submitter.join()
+        ids = [r.json()["id"] for r in accepted if r.status_code == 202]
+        done = wait_terminal(client, ids, 600)
+        runs = {
+            i: sum(
+                1
+                for e in client.get(f"/v1/jobs/{i}/events").json()
+                if e["kind"] == "status" and e["data"]["status"] == "running"
+            )
+            for i in ids
+        }
+        results["submissions"] = {
+            "sent": 20,
+            "accepted": len(ids),
+            "codes": sorted({r.status_code for r in accepted}),
+            "succeeded": sum(j["status"] == "succeeded" for j in done.values()),
+            "ran_exactly_once": sum(n == 1 for n in runs.values()),
+        }
+
+        # 500 SSE streams on jobs that stay open (a long job runs, a second waits behind it).
+        long_body = job_body(stack.model, seq_len=4000)
+        long_ids = [submit(client, long_body).json()["id"] for _ in range(2)]
+        keys = [KEY, stack.second_key()]
+        paths = [(f"/v1/jobs/{long_ids[i % 2]}/events/stream", keys[i % 2]) for i in range(500)]
+        ready, stop = threading.Event(), threading.Event()
+        opened: list[int] = []
+        streams = hold_streams(stack.base, paths, ready, stop)
+        holder = threading.Thread(target=lambda: opened.append(asyncio.run(streams)))
+        holder.start()
+        ready.wait(300)
+        results["streams"] = {"requested": 500, **with_health({"concurrency": 200, "qps": 1})}
+        stop.set()
+        holder.join()
+        results["streams"]["opened"] = opened[0] if opened else 0
+        for job_id in long_ids:
+            client.post(f"/v1/jobs/{job_id}/cancel")
+
+        # Lists with 10,000 jobs in the table.
+        insert_jobs(stack, 10_000)
+        results["lists"] = hey(f"{stack.base}/v1/jobs?limit=50", seconds, 10)
+    finally:
+        stack.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def insert_jobs(stack: Stack, count: int) -> None:
+    """Bulk-insert finished jobs straight into the store (the API path is measured, not the inserts)."""
+    from sqlalchemy import insert
+
+    from app.db import make_engine
+    from app.models import Job, new_id, utcnow
+    from app.settings import Settings
+
+    settings = Settings(
+        data_dir=Path(stack.env["SLIMFORGE_DATA_DIR"]), database_url=stack.env.get("SLIMFORGE_DATABASE_URL")
+    )
+    engine = make_engine(settings.resolved_database_url)
+    spec = {"calibration": {"source": "self_generated"}, "options": {}, "evaluation": None, "seed": 0}
+    rows = [
+        dict(
+            id=new_id("job"),
+            tenant_id="default",
+            status="succeeded",
+            progress=100.0,
+            model=stack.model,
+            method="last_k",
+            target_sparsity=0.34,
+            sparsity_basis="layers",
+            spec=spec,
+            attempts=1,
+            max_attempts=2,
+            created_at=utcnow(),
+            updated_at=utcnow(),
+            event_count=0,
+        )
+        for _ in range(count)
+    ]
+    with engine.begin() as conn:
+        conn.execute(insert(Job), rows)
+    engine.dispose()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["embedded", "production"], required=True)
+    parser.add_argument("--seconds", type=int, default=20, help="duration of each load scenario")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if shutil.which("hey") is None:
+        print("hey is not installed: apt-get install hey (scripts/system-deps.sh)", file=sys.stderr)
+        return 2
+    results = run(args.mode, args.seconds)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
