@@ -73,6 +73,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeout)
     async def _database_down(_request: Request, exc: Exception) -> JSONResponse:
+        if "disk is full" in str(exc):  # SQLite on a full disk
+            return problem(
+                507,
+                "insufficient_storage",
+                "The server's disk is full, so nothing was stored; free space (or ask the operator to), then retry.",
+            )
         # A restarting or unreachable database is a temporary condition, not a server bug.
         log.warning("database unavailable: %s", exc.__class__.__name__)
         return problem(

@@ -1,0 +1,220 @@
+"""The request path under its users: cached auth, ETag polls, SSE fan-out, broker sweeps, no starvation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from app.auth import KEY_CACHE, generate_key, hash_key, public_id, revoke_key
+from app.db import session_scope
+from app.main import create_app
+from app.models import ApiKey
+from tests.service.conftest import KEY_A, REDIS_URL, Api, make_settings, prepare_store, tiny_job
+from tests.service.test_celery_workers import start_worker
+from workers.outbox import broker_task_ids, resend_lost_jobs
+
+
+def test_job_reads_carry_an_etag_and_unchanged_polls_get_304(api: Api, model_root: Path) -> None:
+    job_id = api.post("/v1/jobs", json=tiny_job(model_root)).json()["id"]
+    first = api.get(f"/v1/jobs/{job_id}")
+    etag = first.headers["etag"]
+    assert first.status_code == 200 and "no-cache" in first.headers["cache-control"]
+    again = api.client.get(f"/v1/jobs/{job_id}", headers={**api.headers(), "If-None-Match": etag})
+    assert again.status_code == 304 and again.content == b""
+    api.post(f"/v1/jobs/{job_id}/cancel")
+    changed = api.client.get(f"/v1/jobs/{job_id}", headers={**api.headers(), "If-None-Match": etag})
+    assert changed.status_code == 200 and changed.headers["etag"] != etag
+    assert changed.json()["status"] == "cancelled"
+
+
+def test_generated_keys_store_only_a_public_id_and_revocation_applies_at_once(api: Api) -> None:
+    key = generate_key()
+    with session_scope(api.client.app.state.services.sessions) as session:
+        from app.auth import create_key
+
+        create_key(session, "default", key=key)
+    row_prefix = public_id(key)
+    secret = key.split("_", 2)[2]
+    assert row_prefix == key.split("_")[1] and row_prefix not in secret
+    assert public_id(KEY_A).startswith("h") and public_id(KEY_A)[1:] == hash_key(KEY_A)[:11]
+    assert api.get("/v1/jobs", key=key).status_code == 200
+    assert KEY_CACHE.get(hash_key(key)) == "default"  # the next request costs no database read
+    with session_scope(api.client.app.state.services.sessions) as session:
+        assert revoke_key(session, row_prefix) == 1
+        stored = session.query(ApiKey).filter_by(prefix=row_prefix).one()
+        assert stored.revoked and secret not in stored.prefix
+    denied = api.get("/v1/jobs", key=key)
+    assert denied.status_code == 401 and denied.json()["code"] == "unauthorized"
+
+
+def _read_sse(client: TestClient, url: str, headers: dict[str, str], out: list[dict]) -> None:
+    with client.stream("GET", url, headers=headers) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                out.append(json.loads(line.removeprefix("data: ")))
+
+
+def test_sse_streams_hold_no_database_connection_and_get_live_events(api: Api, model_root: Path) -> None:
+    job_id = api.post("/v1/jobs", json=tiny_job(model_root)).json()["id"]
+    engine = api.client.app.state.services.engine
+    received: list[list[dict]] = [[] for _ in range(50)]  # more streams than the connection pool holds
+    threads = [
+        threading.Thread(target=_read_sse, args=(api.client, f"/v1/jobs/{job_id}/events/stream", api.headers(), out))
+        for out in received
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while not all(received) and time.monotonic() < deadline:  # each saw the backlog ("job queued")
+        time.sleep(0.05)
+    assert all(received)
+    assert engine.pool.checkedout() == 0, "open streams must not hold pooled connections"
+    started = time.monotonic()
+    assert api.get(f"/v1/jobs/{job_id}").status_code == 200
+    assert time.monotonic() - started < 5
+    api.post(f"/v1/jobs/{job_id}/cancel")  # the live event ends every stream
+    for thread in threads:
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    for events in received:
+        assert [e["seq"] for e in events] == [1, 2]
+        assert events[-1]["data"]["status"] == "cancelled"
+
+
+def test_sse_resumes_after_last_event_id_and_refuses_a_malformed_one(api: Api, model_root: Path) -> None:
+    job_id = api.post("/v1/jobs", json=tiny_job(model_root)).json()["id"]
+    api.post(f"/v1/jobs/{job_id}/cancel")
+    url = f"/v1/jobs/{job_id}/events/stream"
+    resumed: list[dict] = []
+    _read_sse(api.client, url, {**api.headers(), "Last-Event-ID": "1"}, resumed)
+    assert [e["seq"] for e in resumed] == [2]
+    bad = api.client.get(url, headers={**api.headers(), "Last-Event-ID": "abc"})
+    assert bad.status_code == 400 and bad.json()["code"] == "invalid_last_event_id"
+    huge = api.client.get(f"{url}?after=2147483648", headers=api.headers())
+    assert huge.status_code == 422
+
+
+def test_streams_per_key_are_capped_with_429(database_url: str, tmp_path: Path, model_root: Path) -> None:
+    settings = make_settings(tmp_path / "data", database_url, model_root, max_streams_per_key=2)
+    prepare_store(settings)
+    app = create_app(settings)
+    with TestClient(app) as client:
+        api = Api(client, settings)
+        job_id = api.post("/v1/jobs", json=tiny_job(model_root)).json()["id"]
+        url = f"/v1/jobs/{job_id}/events/stream"
+        outs: list[list[dict]] = [[], []]
+        threads = [threading.Thread(target=_read_sse, args=(client, url, api.headers(), o)) for o in outs]
+        for thread in threads:
+            thread.start()
+        while not all(outs):
+            time.sleep(0.05)
+        third = client.get(url, headers=api.headers())
+        assert third.status_code == 429 and third.json()["code"] == "too_many_streams"
+        assert third.headers["retry-after"]
+        api.post(f"/v1/jobs/{job_id}/cancel")
+        for thread in threads:
+            thread.join(timeout=60)
+    app.state.services.engine.dispose()
+
+
+@pytest.fixture
+def live_server(database_url: str, tmp_path: Path, model_root: Path) -> Iterator[tuple[str, Api]]:
+    """The app under a real uvicorn (threadpool and all) on a free loopback port."""
+    settings = make_settings(tmp_path / "data", database_url, model_root)
+    prepare_store(settings)
+    app = create_app(settings)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    with TestClient(app) as client:
+        yield f"http://127.0.0.1:{port}", Api(client, settings)
+    server.should_exit = True
+    thread.join(timeout=30)
+    app.state.services.engine.dispose()
+
+
+def test_hundreds_of_concurrent_polls_never_starve_the_api(live_server: tuple[str, Api], model_root: Path) -> None:
+    """The old request path deadlocked at ~80 concurrent requests (sessions waiting for threads)."""
+    base, api = live_server
+    job_id = api.post("/v1/jobs", json=tiny_job(model_root)).json()["id"]
+
+    async def storm() -> list[int]:
+        limits = httpx.Limits(max_connections=300)
+        async with httpx.AsyncClient(base_url=base, headers=api.headers(), timeout=60, limits=limits) as client:
+            polls = [client.get(f"/v1/jobs/{job_id}") for _ in range(300)]
+            lists = [client.get("/v1/jobs?limit=5") for _ in range(50)]
+            return [r.status_code for r in await asyncio.gather(*polls, *lists, client.get("/healthz"))]
+
+    codes = asyncio.run(storm())
+    assert codes == [200] * len(codes)
+
+
+def test_sweeper_resends_exactly_the_queued_jobs_redis_lost(tmp_path: Path, model_root: Path) -> None:
+    from tests.service.conftest import fresh_pg_database
+
+    with fresh_pg_database() as url:
+        queue = f"sweep-{uuid.uuid4().hex[:8]}"
+        settings = make_settings(
+            tmp_path / "data", url, model_root, broker_url=REDIS_URL, queue_name=queue, requeue_grace_seconds=0.0
+        )
+        prepare_store(settings)
+        app = create_app(settings)
+        services = app.state.services
+        with TestClient(app) as client:
+            api = Api(client, settings)
+            kept, lost = (api.post("/v1/jobs", json=tiny_job(model_root, seed=i)).json()["id"] for i in range(2))
+            assert {kept, lost} <= broker_task_ids(settings)  # type: ignore[operator]
+            assert resend_lost_jobs(services.sessions, settings, services.enqueue) == []
+            import redis
+
+            client_redis = redis.Redis.from_url(REDIS_URL)
+            for raw in client_redis.lrange(queue, 0, -1):  # the broker forgets one message
+                if json.loads(raw)["headers"]["id"] == lost:
+                    client_redis.lrem(queue, 1, raw)
+            assert lost not in broker_task_ids(settings)  # type: ignore[operator]
+            assert resend_lost_jobs(services.sessions, settings, services.enqueue) == [lost]
+            assert {kept, lost} <= broker_task_ids(settings)  # type: ignore[operator]
+            client_redis.delete(queue)
+        services.engine.dispose()
+
+
+def test_worker_events_reach_sse_subscribers_through_redis(tmp_path: Path, model_root: Path) -> None:
+    from tests.service.conftest import fresh_pg_database
+
+    with fresh_pg_database() as url:
+        settings = make_settings(
+            tmp_path / "data", url, model_root, broker_url=REDIS_URL, queue_name=f"fanout-{uuid.uuid4().hex[:8]}"
+        )
+        prepare_store(settings)
+        app = create_app(settings)
+        with TestClient(app) as client:
+            api = Api(client, settings)
+            worker = start_worker(settings, tmp_path, "w1")
+            try:
+                job_id = api.post("/v1/jobs", json=tiny_job(model_root)).json()["id"]
+                events: list[dict] = []
+                _read_sse(client, f"/v1/jobs/{job_id}/events/stream", api.headers(), events)
+            finally:
+                worker.stop()
+            seqs = [e["seq"] for e in events]
+            assert seqs == list(range(1, len(seqs) + 1)), seqs  # each once, in order, none missing
+            assert events[-1]["data"]["status"] == "succeeded"
+            assert seqs == [e["seq"] for e in api.get(f"/v1/jobs/{job_id}/events").json()]
+        app.state.services.engine.dispose()
