@@ -7,6 +7,7 @@ PACKAGES=(
   "redis-server:redis-server"
   "postgresql:initdb"
   "wrk:wrk"
+  "chromium:chromium"
 )
 missing=()
 for entry in "${PACKAGES[@]}"; do
