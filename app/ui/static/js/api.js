@@ -32,7 +32,7 @@ async function problemOf(response) {
 }
 
 /** fetch() a /v1 path with the key; returns parsed JSON, or throws ApiError. */
-export async function api(path, { method = "GET", body, headers = {}, signal } = {}) {
+export async function api(path, { method = "GET", body, headers = {}, signal, notify401 = true } = {}) {
   const init = { method, headers: authHeaders(headers), signal };
   if (body instanceof FormData) init.body = body;
   else if (body !== undefined) {
@@ -48,7 +48,7 @@ export async function api(path, { method = "GET", body, headers = {}, signal } =
   }
   if (!response.ok) {
     const error = new ApiError(response.status, await problemOf(response));
-    if (response.status === 401) window.dispatchEvent(new CustomEvent("slimforge:unauthorized", { detail: error }));
+    if (response.status === 401 && notify401) window.dispatchEvent(new CustomEvent("slimforge:unauthorized", { detail: error }));
     throw error;
   }
   return response.status === 204 ? null : response.json();

@@ -22,7 +22,7 @@ function signInView(message) {
     button.disabled = true;
     session.signIn(key);
     try {
-      await api("/v1/jobs?limit=1"); // proves the key works before showing anything
+      await api("/v1/jobs?limit=1", { notify401: false }); // proves the key works before showing anything
       route();
     } catch (err) {
       session.signOut();

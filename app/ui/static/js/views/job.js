@@ -41,12 +41,13 @@ export function jobView(root, id) {
     ]);
     if (!alive) return;
     const full = { ...(job.result || {}), ...(report || {}) };
+    const layerParts = layers(full);
     mount(root,
       header(job, () => load()),
       job.error ? failure(job) : null,
       h("div", { class: "grid" }, timeline(job, events), sizeSpeed(job, full, artifact)),
-      layers(full),
-      compensation(full),
+      layerParts.chart,
+      h("div", { class: "grid" }, layerParts.stack, compensation(full)),
       evaluation(full),
       artifact ? artifactPanel(job, artifact) : null);
   }
@@ -165,8 +166,7 @@ function sizeSpeed(job, r, artifact) {
 
 function layers(r) {
   if (!Array.isArray(r.decisions) || !r.decisions.length || !r.layers_before) {
-    if (r.removed_groups) return widthPanel(r);
-    return null;
+    return { chart: r.removed_groups ? widthPanel(r) : null, stack: null };
   }
   const order = r.removal_order || r.decisions.map((d) => d.chosen);
   const compensated = new Set(r.compensation?.layers || []);
@@ -178,8 +178,7 @@ function layers(r) {
       h("span", {}, `layer ${i}`),
       h("span", {}, removed ? `removed${at >= 0 ? ` at decision ${at + 1}` : ""}` : compensated.has(i) ? "kept + projection" : "kept")));
   }
-  return h("div", { class: "grid" },
-    h("section", { class: "panel", "aria-labelledby": "lc-title", style: "grid-column: span 2" },
+  const chart = h("section", { class: "panel", "aria-labelledby": "lc-title" },
       h("h2", { id: "lc-title" }, "Layer scores per decision"),
       h("p", { class: "small muted" }, `${r.selector || r.method}${r.score ? ` (${r.score})` : ""}: the lowest score goes at each decision. Colours are scaled within each row.`),
       h("div", { class: "table-wrap" }, layerHeatmap(r.decisions, r.layers_before, { label: `Scores of ${r.layers_before} layers over ${r.decisions.length} decisions; removed: ${order.join(", ")}` })),
@@ -192,11 +191,12 @@ function layers(r) {
       h("details", {}, h("summary", {}, "Scores as a table"), h("div", { class: "table-wrap" }, h("table", { class: "small" },
         h("thead", {}, h("tr", {}, h("th", {}, "decision"), h("th", {}, "removed"), Array.from({ length: r.layers_before }, (_, i) => h("th", { class: "num" }, i)))),
         h("tbody", {}, r.decisions.map((d) => h("tr", {}, h("td", {}, d.step + 1), h("td", {}, d.chosen),
-          Array.from({ length: r.layers_before }, (_, i) => h("td", { class: "num" }, d.scores[String(i)] === undefined ? "" : num(d.scores[String(i)], 4))))))))),
-    h("section", { class: "panel", "aria-labelledby": "stack-title" },
+          Array.from({ length: r.layers_before }, (_, i) => h("td", { class: "num" }, d.scores[String(i)] === undefined ? "" : num(d.scores[String(i)], 4))))))))));
+  const onModel = h("section", { class: "panel", "aria-labelledby": "stack-title" },
       h("h2", { id: "stack-title" }, "Removed layers on the model"),
       legend([{ name: "removed", pattern: "border:1px dashed var(--removed)" }, { name: "compensation projection", pattern: "background:var(--comp)" }]),
-      stack));
+      stack);
+  return { chart, stack: onModel };
 }
 
 function widthPanel(r) {
