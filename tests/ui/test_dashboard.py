@@ -112,7 +112,8 @@ def test_submit_watch_inspect_download_and_compare(served: Served, browser, tmp_
           const note = () => { const bar = document.querySelector(row + ' [role=progressbar]');
             if (bar) window.__progress.push(Number(bar.getAttribute('aria-valuenow'))); };
           note();
-          new MutationObserver(note).observe(document.querySelector('table.jobs'), {subtree: true, childList: true}); }""",
+          new MutationObserver(note).observe(document.querySelector('table.jobs'), {subtree: true, childList: true});
+        }""",
         row,
     )
     page.wait_for_selector(f"{row}[data-status='succeeded']", timeout=120_000)
