@@ -22,12 +22,12 @@ function ticks(lo, hi, count = 5) {
  * is outlined and crossed, layers removed by earlier decisions are hatched.
  */
 export function layerHeatmap(decisions, nLayers, { label = "Layer scores per decision" } = {}) {
-  const cell = 26, left = 70, top = 22, rowH = 22;
+  const cell = Math.max(20, Math.min(44, Math.floor(760 / Math.max(nLayers, 1)))), left = 78, top = 22, rowH = 24;
   const width = left + nLayers * cell + 10;
   const height = top + decisions.length * rowH + 30;
   const svg = s("svg", {
     viewBox: `0 0 ${width} ${height}`, class: "chart heatmap", role: "img", "aria-label": label,
-    "data-testid": "layer-chart", style: `max-width:${width * 1.6}px`,
+    "data-testid": "layer-chart", style: `max-width:${Math.max(width, 420)}px`,
   });
   svg.append(s("defs", {}, s("pattern", { id: "hatch", width: 5, height: 5, patternUnits: "userSpaceOnUse", patternTransform: "rotate(45)" },
     s("line", { x1: 0, y1: 0, x2: 0, y2: 5, stroke: "var(--removed)", "stroke-width": 1.5, opacity: 0.6 }))));

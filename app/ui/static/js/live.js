@@ -55,9 +55,12 @@ export function watchJob(id, onJob, { onEvent = () => {}, onError = () => {} } =
         const job = await getJob(id, { signal: controller.signal });
         if (!stopped) onJob(job);
         return job;
+      } catch (err) {
+        if (err.name === "AbortError" || stopped) return null; // stopped while a request was in flight
+        throw err;
       } finally {
         refreshing = null;
-        if (pending && !stopped) { pending = false; refresh(); }
+        if (pending && !stopped) { pending = false; refresh().catch(onError); }
       }
     })();
     return refreshing;
@@ -76,7 +79,7 @@ export function watchJob(id, onJob, { onEvent = () => {}, onError = () => {} } =
     for await (const message of sseMessages(reader)) {
       if (message.id) lastSeq = Number(message.id) || lastSeq;
       try { onEvent(JSON.parse(message.data)); } catch { /* a malformed event is skipped */ }
-      refresh();
+      refresh().catch(onError);
     }
     return true;
   }
@@ -100,7 +103,7 @@ export function watchJob(id, onJob, { onEvent = () => {}, onError = () => {} } =
         }
         if (!streamed) return await poll();
         job = await refresh(); // the stream ended: terminal, or the connection dropped (reconnect)
-        if (!TERMINAL.has(job.status)) await new Promise((resolve) => setTimeout(resolve, 1000));
+        if (job && !TERMINAL.has(job.status)) await new Promise((resolve) => setTimeout(resolve, 1000));
       }
     } catch (err) {
       if (err.name !== "AbortError" && !stopped) onError(err);

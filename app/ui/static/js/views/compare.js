@@ -24,6 +24,8 @@ export function compareView(root, query) {
     jobs = page.items;
     const models = [...new Set(jobs.map((j) => j.model))];
     const preferred = jobs.find((j) => chosen.has(j.id))?.model || models[0];
+    // Nothing asked for: start with the latest jobs on that model, so the page shows something.
+    if (!chosen.size) jobs.filter((j) => j.model === preferred).slice(0, 6).forEach((j) => chosen.add(j.id));
     for (const m of models) modelSelect.append(h("option", { value: m, selected: m === preferred }, m));
     modelSelect.addEventListener("change", () => { chosen.clear(); renderPicker(); renderOutput(); });
     renderPicker();
@@ -34,7 +36,7 @@ export function compareView(root, query) {
 
   function renderPicker() {
     const list = onModel();
-    picker.replaceChildren(h("legend", {}, "Jobs to compare (succeeded, same model)"),
+    mount(picker, h("legend", {}, "Jobs to compare (succeeded, same model)"),
       list.length ? null : h("p", { class: "muted" }, "No succeeded jobs yet."),
       ...list.map((j) => h("div", { class: "field inline" },
         h("input", { type: "checkbox", id: `cmp-${j.id}`, value: j.id, checked: chosen.has(j.id), onchange: (e) => {

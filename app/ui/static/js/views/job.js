@@ -47,7 +47,8 @@ export function jobView(root, id) {
       job.error ? failure(job) : null,
       h("div", { class: "grid" }, timeline(job, events), sizeSpeed(job, full, artifact)),
       layerParts.chart,
-      h("div", { class: "grid" }, layerParts.stack, compensation(full)),
+      h("div", { class: "grid" }, layerParts.stack, Array.isArray(full.mean_shift) ? shiftPanel(full) : null),
+      compensation(full),
       evaluation(full),
       artifact ? artifactPanel(job, artifact) : null);
   }
@@ -83,7 +84,7 @@ function header(job, reload) {
   const canCancel = job.status === "queued" || job.status === "running";
   const canRetry = job.status === "failed" || job.status === "cancelled";
   return h("section", { class: "panel", "aria-labelledby": "job-title" },
-    h("div", { class: "row" },
+    h("div", { class: "row center" },
       h("h1", { id: "job-title" }, `${modelName(job.model)} · ${job.method}`),
       h("span", { "data-slot": "status" }, statusBadge(job.status)),
       h("span", { class: "spacer" }),
@@ -117,11 +118,13 @@ function failure(job) {
 /** Stages from the event log: each stage lasts until the next one starts (or the job ends). */
 function stageSpans(job, events) {
   const starts = events.filter((e) => e.kind === "stage" && e.stage);
+  let evaluations = 0;
   const end = parseTime(job.finished_at) || new Date();
   const spans = starts.map((e, i) => {
     const from = parseTime(e.created_at);
     const to = i + 1 < starts.length ? parseTime(starts[i + 1].created_at) : end;
-    return { stage: e.stage, message: e.message, seconds: Math.max(0, (to - from) / 1000) };
+    const label = e.stage === "evaluating" ? `evaluating (${evaluations++ ? "pruned" : "dense"})` : e.stage;
+    return { stage: label, message: e.message, seconds: Math.max(0, (to - from) / 1000) };
   });
   return spans;
 }
@@ -213,8 +216,8 @@ function compensation(r) {
   const c = r.compensation;
   if (!c) return null;
   if (!c.enabled) {
-    return Array.isArray(r.mean_shift) ? h("section", { class: "panel", "aria-labelledby": "comp-title" },
-      h("h2", { id: "comp-title" }, "Compensation"), h("p", { class: "muted" }, "Not enabled for this job."), shiftChart(r.mean_shift, [])) : null;
+    return h("section", { class: "panel", "aria-labelledby": "comp-title" },
+      h("h2", { id: "comp-title" }, "Compensation"), h("p", { class: "muted" }, "Not enabled for this job (option compensation)."));
   }
   const projections = c.projections || [];
   const lossLabel = c.judged_on === "heldout" ? "held-out loss" : "fit loss";
@@ -232,21 +235,21 @@ function compensation(r) {
         h("td", { class: "num" }, beforeAfter(p.mse_before, p.mse_after, { format: (v) => num(v, 6) })),
         h("td", { class: "num" }, p.heldout_mse_before !== undefined ? beforeAfter(p.heldout_mse_before, p.heldout_mse_after, { format: (v) => num(v, 6) }) : "–"),
         h("td", { class: "num" }, beforeAfter(p.loss_before, p.loss_after, { format: (v) => num(v, 4) })),
-        h("td", {}, p.kept ? "yes" : "no (rolled back)")))))) : null,
-    Array.isArray(r.mean_shift) ? shiftChart(r.mean_shift, projections) : null);
+        h("td", {}, p.kept ? "yes" : "no (rolled back)")))))) : null);
 }
 
 /** Drift of each kept layer from the original, before compensation; projections' MSE is in the table. */
-function shiftChart(shifts, projections) {
-  const placed = new Set(projections.filter((p) => p.kept).map((p) => p.layer));
-  return h("div", {},
-    h("h3", {}, "Hidden-state shift per kept layer (before compensation)"),
+function shiftPanel(r) {
+  const shifts = r.mean_shift;
+  const placed = new Set((r.compensation?.projections || []).filter((p) => p.kept).map((p) => p.layer));
+  return h("section", { class: "panel", "aria-labelledby": "shift-title" },
+    h("h2", { id: "shift-title" }, "Hidden-state shift per kept layer"),
     lineChart([
       { name: "relative shift", points: shifts.map((x) => ({ x: x.layer, y: x.shift, label: `layer ${x.layer}: relative shift ${num(x.shift, 4)}${placed.has(x.layer) ? " (projection here)" : ""}` })) },
       { name: "mean shift", points: shifts.map((x) => ({ x: x.layer, y: x.mean_shift, label: `layer ${x.layer}: mean shift ${num(x.mean_shift, 4)}` })) },
     ], { xLabel: "kept layer (original index)", yLabel: "shift / hidden norm", label: "Per-layer shift of the hidden states", xFormat: (v) => String(Math.round(v)), testid: "shift-chart" }),
     legend([{ name: "relative shift (mean per-token distance)", color: "#2f6fde" }, { name: "mean shift (shift of the mean)", color: "#d9480f" }]),
-    h("p", { class: "small muted" }, "The report measures the shift once, before compensation; after compensation it records each projection's error at its target layer (MSE columns above)."));
+    h("p", { class: "small muted" }, "Measured after removal, before compensation: how far each kept layer's output moved from the original model's. After compensation the report records each projection's error at its target layer (the MSE columns under Compensation)."));
 }
 
 function evaluation(r) {
@@ -259,7 +262,7 @@ function evaluation(r) {
     for (const len of lens) {
       const b = ev.before?.perplexity?.[text]?.[len]?.ppl, a = ev.after?.perplexity?.[text]?.[len]?.ppl;
       rows.push(h("tr", {}, h("th", { scope: "row" }, `perplexity · ${text} @ ${len}`), h("td", { class: "num" }, num(b)), h("td", { class: "num" }, num(a)),
-        h("td", { class: "num" }, beforeAfter(b, a))));
+        h("td", { class: "num" }, change(b, a))));
     }
   }
   const tasks = new Set([...Object.keys(ev.before?.tasks || {}), ...Object.keys(ev.after?.tasks || {})]);
@@ -279,6 +282,12 @@ function evaluation(r) {
       h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "measure"), h("th", { scope: "col", class: "num" }, "before"), h("th", { scope: "col", class: "num" }, "after"), h("th", { scope: "col", class: "num" }, "change"))),
       h("tbody", {}, rows.length ? rows : h("tr", {}, h("td", { colspan: 4, class: "muted" }, "Only speed and size were measured."))))),
     ev.before?.cached ? h("p", { class: "small muted" }, "The dense (before) side came from the per-model evaluation cache.") : null);
+}
+
+function change(before, after) {
+  if (!Number.isFinite(before) || !Number.isFinite(after) || !before) return "–";
+  const rel = (after - before) / Math.abs(before);
+  return h("span", { class: Math.abs(rel) < 0.005 ? "muted" : rel > 0 ? "delta-bad" : "delta-good" }, `${rel >= 0 ? "+" : ""}${num(rel * 100, 1)} %`);
 }
 
 function artifactPanel(job, artifact) {

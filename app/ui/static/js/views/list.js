@@ -42,7 +42,7 @@ export function listView(root, query) {
   methodSelect.addEventListener("change", apply);
 
   mount(root,
-    h("div", { class: "row" }, h("h1", {}, "Jobs"), h("span", { class: "spacer" }),
+    h("div", { class: "row center" }, h("h1", {}, "Jobs"), h("span", { class: "spacer" }),
       h("a", { class: "button primary", href: "#/new" }, "New job")),
     h("section", { class: "panel", "aria-label": "Filters" }, form),
     h("section", { class: "panel" },
