@@ -31,16 +31,21 @@ def wait_status(client: httpx.Client, job_id: str, statuses: set[str], timeout: 
     raise TimeoutError(f"{job_id} still {job['status']}")
 
 
-def shoot(page, name: str) -> None:  # type: ignore[no-untyped-def]
+def shoot(page, name: str, phone: bool = False) -> None:  # type: ignore[no-untyped-def]
     """Light and dark full-page screenshots, only when asked for (they are committed under docs/)."""
     if not SCREENSHOTS:
         return
     out = Path(SCREENSHOTS)
     out.mkdir(parents=True, exist_ok=True)
-    for scheme in ("light", "dark"):
-        page.emulate_media(color_scheme=scheme)
-        page.wait_for_timeout(200)
-        page.screenshot(path=str(out / f"{name}-{scheme}.png"), full_page=True)
+    page.evaluate("document.getElementById('toast').textContent = ''")
+    sizes = {"": page.viewport_size, "-phone": {"width": 390, "height": 844}} if phone else {"": page.viewport_size}
+    for suffix, size in sizes.items():
+        page.set_viewport_size(size)
+        for scheme in ("light", "dark"):
+            page.emulate_media(color_scheme=scheme)
+            page.wait_for_timeout(200)
+            page.screenshot(path=str(out / f"{name}{suffix}-{scheme}.png"), full_page=True)
+    page.set_viewport_size(sizes[""])
     page.emulate_media(color_scheme="light")
 
 
@@ -124,7 +129,7 @@ def test_submit_watch_inspect_download_and_compare(served: Served, browser, tmp_
     assert "2 layers" in page.inner_text(row)
     wait_status(api, other, {"succeeded"})
     page.wait_for_selector(f"tr[data-job='{other}'][data-status='succeeded']", timeout=30_000)
-    shoot(page, "list")
+    shoot(page, "list", phone=True)
 
     # The job page: layer chart (one crossed cell per removal), model stack, evaluation table.
     page.click(f"{row} a")

@@ -3,7 +3,7 @@
 import { h, s } from "./dom.js";
 import { num } from "./format.js";
 
-export const PALETTE = ["#2f6fde", "#d9480f", "#2b8a3e", "#ae3ec9", "#e8590c", "#0c8599", "#c2255c", "#5c940d"];
+export const PALETTE = ["#2f6fde", "#d9480f", "#2b8a3e", "#ae3ec9", "#f59f00", "#0c8599", "#c2255c", "#5c940d"];
 
 /** Ticks for [lo, hi]: about `count` round numbers. */
 function ticks(lo, hi, count = 5) {
@@ -27,7 +27,7 @@ export function layerHeatmap(decisions, nLayers, { label = "Layer scores per dec
   const height = top + decisions.length * rowH + 30;
   const svg = s("svg", {
     viewBox: `0 0 ${width} ${height}`, class: "chart heatmap", role: "img", "aria-label": label,
-    "data-testid": "layer-chart", style: `max-width:${Math.max(width, 420)}px`,
+    "data-testid": "layer-chart", style: `max-width:${Math.round(Math.max(width, 420) * 1.4)}px`,
   });
   svg.append(s("defs", {}, s("pattern", { id: "hatch", width: 5, height: 5, patternUnits: "userSpaceOnUse", patternTransform: "rotate(45)" },
     s("line", { x1: 0, y1: 0, x2: 0, y2: 5, stroke: "var(--removed)", "stroke-width": 1.5, opacity: 0.6 }))));

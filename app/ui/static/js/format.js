@@ -97,11 +97,20 @@ export function meanAccuracy(evaluation) {
   return null;
 }
 
-/** Fraction of the model removed, on the job's own basis (the x-axis of comparisons). */
-export function removedFraction(job) {
+/** Fraction of the model removed, counted in layers or in parameters (the x-axis of comparisons). */
+export function removedFraction(job, basis = job.sparsity_basis) {
   const r = job.result;
   if (!r) return null;
-  if (job.sparsity_basis === "layers" && typeof r.achieved_layer_sparsity === "number") return r.achieved_layer_sparsity;
-  if (typeof r.achieved_parameter_sparsity === "number") return r.achieved_parameter_sparsity;
-  return null;
+  const value = basis === "layers" ? r.achieved_layer_sparsity : r.achieved_parameter_sparsity;
+  return typeof value === "number" ? value : null;
+}
+
+/** "text @ length" keys of every perplexity an evaluation block has. */
+export function perplexityKeys(evaluation) {
+  return Object.entries(evaluation?.perplexity || {}).flatMap(([text, byLen]) => Object.keys(byLen).map((len) => `${text} @ ${len}`));
+}
+
+export function perplexityAt(evaluation, key) {
+  const at = key.lastIndexOf(" @ ");
+  return evaluation?.perplexity?.[key.slice(0, at)]?.[key.slice(at + 3)]?.ppl ?? null;
 }

@@ -37,6 +37,16 @@ export function check(p, value) {
   return null;
 }
 
+// Long descriptions (a score's variants) stay readable: the first sentence, the rest on demand.
+function hintFor(p) {
+  const range = rangeHint(p);
+  const text = p.description || "";
+  if (text.length <= 160) return [text, range].filter(Boolean).join(" · ");
+  const cut = text.indexOf(". ") > 0 && text.indexOf(". ") < 160 ? text.indexOf(". ") + 1 : 157;
+  return h("span", {}, [text.slice(0, cut), range].filter(Boolean).join(" · "), " ",
+    h("details", {}, h("summary", {}, "more"), text.slice(cut).trim()));
+}
+
 function rangeHint(p) {
   const parts = [];
   if (p.minimum !== undefined) parts.push(`≥ ${p.minimum}`);
@@ -57,7 +67,7 @@ export function optionsForm(schema) {
   const fields = props.map(([name, p]) => {
     const id = `opt-${name}`;
     const errId = `err-options.${name}`;
-    const hint = [p.description, rangeHint(p)].filter(Boolean).join(" · ");
+    const hint = hintFor(p);
     let input;
     if (p.type === "boolean") {
       input = h("input", { type: "checkbox", id, name, checked: Boolean(p.default), "aria-describedby": `${id}-hint ${errId}` });

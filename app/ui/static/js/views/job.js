@@ -234,7 +234,8 @@ function compensation(r) {
         h("td", { class: "num" }, p.layer), h("td", { class: "num" }, p.target_layer), h("td", { class: "mono" }, p.weight),
         h("td", { class: "num" }, beforeAfter(p.mse_before, p.mse_after, { format: (v) => num(v, 6) })),
         h("td", { class: "num" }, p.heldout_mse_before !== undefined ? beforeAfter(p.heldout_mse_before, p.heldout_mse_after, { format: (v) => num(v, 6) }) : "–"),
-        h("td", { class: "num" }, beforeAfter(p.loss_before, p.loss_after, { format: (v) => num(v, 4) })),
+        h("td", { class: "num" }, beforeAfter(p.loss_before, p.loss_after, { format: (v) => num(v, 4) }),
+          p.loss_after_refit !== undefined ? h("div", { class: "small muted" }, `after refit on all rows: ${num(p.loss_after_refit, 4)}`) : null),
         h("td", {}, p.kept ? "yes" : "no (rolled back)")))))) : null);
 }
 

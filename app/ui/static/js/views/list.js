@@ -119,6 +119,9 @@ export function listView(root, query) {
     if (TERMINAL.has(job.status)) watchers.delete(job.id);
   }
 
+  // One wrapper per cell, so the phone layout (label left, value right) has a single value box.
+  const cell = (label, cls, ...content) => h("td", { "data-label": label, class: cls }, h("div", { class: "cell" }, ...content));
+
   function row(job) {
     const result = job.result || {};
     const ev = result.evaluation || {};
@@ -131,20 +134,20 @@ export function listView(root, query) {
       } });
     const pb = result.parameters_before?.total, pa = result.parameters_after?.total;
     return h("tr", { "data-job": job.id, "data-status": job.status },
-      h("td", { "data-label": "Select" }, box),
-      h("td", { "data-label": "Model / method" },
+      cell("Select", null, box),
+      cell("Model / method", null,
         h("a", { href: `#/jobs/${encodeURIComponent(job.id)}` }, `${modelName(job.model)} · ${job.method}`),
         h("div", { class: "id mono" }, job.id)),
-      h("td", { "data-label": "Target" }, target(job)),
-      h("td", { "data-label": "Status" }, statusBadge(job.status)),
-      h("td", { "data-label": "Progress" }, progressBar(job)),
-      h("td", { "data-label": "Duration", class: "num" }, duration(jobSeconds(job))),
-      h("td", { "data-label": "Removed" }, removedSummary(job.result)),
-      h("td", { "data-label": "Parameters", class: "num" }, pb ? `${params(pb)} → ${params(pa)}` : "–",
+      cell("Target", null, target(job)),
+      cell("Status", null, statusBadge(job.status)),
+      cell("Progress", null, progressBar(job)),
+      cell("Duration", "num", duration(jobSeconds(job))),
+      cell("Removed", null, removedSummary(job.result)),
+      cell("Parameters", "num", pb ? `${params(pb)} → ${params(pa)}` : "–",
         pb ? h("div", { class: "small muted" }, `−${pct(1 - pa / pb)}`) : null),
-      h("td", { "data-label": "Perplexity", class: "num" },
+      cell("Perplexity", "num",
         pplBefore || pplAfter ? beforeAfter(pplBefore?.value?.ppl, pplAfter?.value?.ppl) : "–"),
-      h("td", { "data-label": "Accuracy", class: "num" },
+      cell("Accuracy", "num",
         meanAccuracy(ev.before) !== null ? beforeAfter(meanAccuracy(ev.before), meanAccuracy(ev.after), { higherIsBetter: true, format: (v) => num(v * 100, 1) }) : "–"));
   }
 
