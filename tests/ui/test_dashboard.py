@@ -192,11 +192,12 @@ def test_other_tenant_job_is_not_found_and_a_wrong_key_is_explained(served: Serv
     context.close()
 
 
-def test_live_updates_fall_back_to_polling_without_the_event_stream(served: Served, browser) -> None:  # type: ignore[no-untyped-def]
+def test_cancel_retry_and_polling_when_the_event_stream_is_blocked(served: Served, browser) -> None:  # type: ignore[no-untyped-def]
     api = served.client(served.key_b)
     calibration = {"source": "self_generated", "n_samples": 4, "seq_len": 32}
     body = {"model": served.model, "target_sparsity": 0.25, "calibration": calibration}
-    api.post("/v1/jobs", json={**body, "method": "gradmap"})  # runs first: the watched job waits behind it
+    # Runs first (generating 32 calibration samples takes a while): the watched job waits behind it.
+    api.post("/v1/jobs", json={**body, "method": "gradmap", "calibration": {**calibration, "n_samples": 32}})
     job = api.post("/v1/jobs", json={**body, "method": "last_k"}).json()["id"]
     context = browser.new_context()
     context.route("**/events/stream*", lambda route: route.abort())  # as behind a proxy that breaks SSE
@@ -206,8 +207,12 @@ def test_live_updates_fall_back_to_polling_without_the_event_stream(served: Serv
     sign_in(page, served, served.key_b)
     page.wait_for_selector("h1:text('Jobs')")
     page.goto(f"{served.base_url}/ui/#/jobs/{job}")
+    page.click("button:text('Cancel job')")  # still queued behind the first job
+    page.wait_for_selector("[data-slot=status] :text('cancelled')")
+    assert api.get(f"/v1/jobs/{job}").json()["status"] == "cancelled"
+    page.click("button:text('Retry job')")
     page.wait_for_selector("[data-slot=status] :text('succeeded')", timeout=120_000)
-    assert len(polled) >= 2, polled
+    assert len(polled) >= 3, polled  # page loads plus polls: no stream ever reached the page
     assert page.locator("[data-testid=artifact]").count() == 1  # re-rendered in full once it ended
     context.close()
 

@@ -73,11 +73,6 @@ export async function getJob(id, { signal } = {}) {
   return job;
 }
 
-export function rememberJob(job) {
-  const cached = jobCache.get(job.id);
-  if (!cached || cached.job !== job) jobCache.set(job.id, { etag: null, job });
-}
-
 /** Every event of a job (the JSON endpoint pages with ?after=seq). */
 export async function allEvents(id) {
   const events = [];

@@ -23,6 +23,8 @@ export function jobView(root, id) {
       return mount(root, h("div", { class: "alert", role: "alert" }, h("strong", {}, "Could not load the job. "), err.detail || String(err)));
     }
     await renderAll(job);
+    stop(); // a reload after cancel/retry replaces the previous watcher
+    stop = () => {};
     if (!TERMINAL.has(job.status)) {
       stop = watchJob(id, (fresh) => {
         if (!alive) return;
