@@ -13,6 +13,7 @@ export function jobView(root, id) {
   let stop = () => {};
   let alive = true;
   let lastStatus = null;
+  let lastStage = null;
 
   async function load() {
     let job;
@@ -28,7 +29,8 @@ export function jobView(root, id) {
     if (!TERMINAL.has(job.status)) {
       stop = watchJob(id, (fresh) => {
         if (!alive) return;
-        if (TERMINAL.has(fresh.status) || fresh.status !== lastStatus) renderAll(fresh);
+        // A new status or stage redraws the page (timeline, results); progress alone only the header.
+        if (TERMINAL.has(fresh.status) || fresh.status !== lastStatus || fresh.stage !== lastStage) renderAll(fresh);
         else updateHeader(fresh);
       });
     }
@@ -36,6 +38,7 @@ export function jobView(root, id) {
 
   async function renderAll(job) {
     lastStatus = job.status;
+    lastStage = job.stage;
     const [events, artifact, report] = await Promise.all([
       allEvents(id).catch(() => []),
       job.artifact_id ? api(`/v1/artifacts/${encodeURIComponent(job.artifact_id)}`).catch(() => null) : null,
