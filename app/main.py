@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 import anyio.to_thread
 from fastapi import FastAPI
 
-from app.api import artifacts, catalog, datasets, health, jobs
+from app.api import artifacts, catalog, datasets, health, jobs, ui
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.services import Services
@@ -38,5 +38,6 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     install_error_handlers(app)
     for module in (jobs, datasets, artifacts, catalog, health):
         app.include_router(module.router)
+    ui.install(app)  # the dashboard at /ui/
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD)
     return app

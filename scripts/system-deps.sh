@@ -8,6 +8,7 @@ PACKAGES=(
   "postgresql:initdb"
   "wrk:wrk"
   "hey:hey"
+  "chromium:chromium"
 )
 missing=()
 for entry in "${PACKAGES[@]}"; do

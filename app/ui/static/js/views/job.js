@@ -1,0 +1,329 @@
+// One job: header + actions, failure, timeline, layer chart, model stack, compensation,
+// evaluation, size/speed, artifact files. Live while the job runs.
+import { ApiError, allEvents, api, artifactReport, downloadFile, getJob } from "../api.js";
+import { layerHeatmap, legend, lineChart } from "../charts.js";
+import { h, mount, toast } from "../dom.js";
+import {
+  TERMINAL, bytes, duration, jobSeconds, modelName, num, params, parseTime, removedSummary, target, when,
+} from "../format.js";
+import { watchJob } from "../live.js";
+import { beforeAfter, failureAdvice, progressBar, statusBadge } from "../widgets.js";
+
+export function jobView(root, id) {
+  let stop = () => {};
+  let alive = true;
+  let lastStatus = null;
+  let lastStage = null;
+
+  async function load() {
+    let job;
+    try {
+      job = await getJob(id);
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 404) return notFound(root, id);
+      return mount(root, h("div", { class: "alert", role: "alert" }, h("strong", {}, "Could not load the job. "), err.detail || String(err)));
+    }
+    await renderAll(job);
+    stop(); // a reload after cancel/retry replaces the previous watcher
+    stop = () => {};
+    if (!TERMINAL.has(job.status)) {
+      stop = watchJob(id, (fresh) => {
+        if (!alive) return;
+        // A new status or stage redraws the page (timeline, results); progress alone only the header.
+        if (TERMINAL.has(fresh.status) || fresh.status !== lastStatus || fresh.stage !== lastStage) renderAll(fresh);
+        else updateHeader(fresh);
+      });
+    }
+  }
+
+  async function renderAll(job) {
+    lastStatus = job.status;
+    lastStage = job.stage;
+    const [events, artifact, report] = await Promise.all([
+      allEvents(id).catch(() => []),
+      job.artifact_id ? api(`/v1/artifacts/${encodeURIComponent(job.artifact_id)}`).catch(() => null) : null,
+      job.artifact_id ? artifactReport(job.artifact_id).catch(() => null) : null,
+    ]);
+    if (!alive) return;
+    const full = { ...(job.result || {}), ...(report || {}) };
+    const layerParts = layers(full);
+    mount(root,
+      header(job, () => load()),
+      job.error ? failure(job) : null,
+      h("div", { class: "grid" }, timeline(job, events), sizeSpeed(job, full, artifact)),
+      layerParts.chart,
+      h("div", { class: "grid" }, layerParts.stack, Array.isArray(full.mean_shift) ? shiftPanel(full) : null),
+      compensation(full),
+      evaluation(full),
+      artifact ? artifactPanel(job, artifact) : null);
+  }
+
+  function updateHeader(job) {
+    const slot = root.querySelector("[data-slot=progress]");
+    if (slot) slot.replaceChildren(progressBar(job));
+    const badge = root.querySelector("[data-slot=status]");
+    if (badge) badge.replaceChildren(statusBadge(job.status));
+  }
+
+  load();
+  return () => { alive = false; stop(); };
+}
+
+function notFound(root, id) {
+  mount(root, h("section", { class: "panel", "data-testid": "not-found" },
+    h("h1", {}, "Job not found"),
+    h("p", {}, "No job ", h("code", {}, id), " exists for this API key. Jobs belong to one tenant: another tenant's job looks exactly like a missing one."),
+    h("p", {}, h("a", { href: "#/jobs" }, "Back to your jobs"))));
+}
+
+function header(job, reload) {
+  const act = async (path, label) => {
+    try {
+      await api(`/v1/jobs/${encodeURIComponent(job.id)}/${path}`, { method: "POST" });
+      toast(`${label} requested`);
+      reload();
+    } catch (err) {
+      toast(`${label} failed: ${err.detail || err.message}`);
+    }
+  };
+  const canCancel = job.status === "queued" || job.status === "running";
+  const canRetry = job.status === "failed" || job.status === "cancelled";
+  return h("section", { class: "panel", "aria-labelledby": "job-title" },
+    h("div", { class: "row center" },
+      h("h1", { id: "job-title" }, `${modelName(job.model)} · ${job.method}`),
+      h("span", { "data-slot": "status" }, statusBadge(job.status)),
+      h("span", { class: "spacer" }),
+      canCancel ? h("button", { type: "button", class: "danger", onclick: () => act("cancel", "Cancel") }, "Cancel job") : null,
+      canRetry ? h("button", { type: "button", class: "primary", onclick: () => act("retry", "Retry") }, "Retry job") : null),
+    h("dl", { class: "kv" },
+      h("dt", {}, "Job"), h("dd", { class: "mono" }, job.id),
+      h("dt", {}, "Model"), h("dd", { class: "mono" }, job.model),
+      h("dt", {}, "Target"), h("dd", {}, target(job)),
+      h("dt", {}, "Calibration"), h("dd", {}, calibrationText(job.calibration)),
+      h("dt", {}, "Created"), h("dd", {}, when(job.created_at)),
+      h("dt", {}, "Duration"), h("dd", {}, duration(jobSeconds(job))),
+      h("dt", {}, "Attempts"), h("dd", {}, `${job.attempts} of ${job.max_attempts}`),
+      h("dt", {}, "Progress"), h("dd", { "data-slot": "progress" }, progressBar(job))));
+}
+
+function calibrationText(cal) {
+  if (!cal) return "–";
+  const what = cal.source === "dataset" ? `dataset ${cal.dataset_id}` : "self-generated by the model";
+  return `${what}, ${cal.n_samples} × ${cal.seq_len} tokens`;
+}
+
+function failure(job) {
+  const e = job.error;
+  return h("section", { class: "alert", role: "alert", "data-testid": "failure" },
+    h("h2", {}, h("strong", {}, "The job failed"), e.stage ? ` during ${e.stage.replaceAll("_", " ")}` : ""),
+    h("p", {}, failureAdvice(e.code)),
+    h("p", {}, "Code ", h("code", {}, e.code), ": ", e.message));
+}
+
+/** Stages from the event log: each stage lasts until the next one starts (or the job ends). */
+function stageSpans(job, events) {
+  const starts = events.filter((e) => e.kind === "stage" && e.stage);
+  let evaluations = 0;
+  const end = parseTime(job.finished_at) || new Date();
+  const spans = starts.map((e, i) => {
+    const from = parseTime(e.created_at);
+    const to = i + 1 < starts.length ? parseTime(starts[i + 1].created_at) : end;
+    const label = e.stage === "evaluating" ? `evaluating (${evaluations++ ? "pruned" : "dense"})` : e.stage;
+    return { stage: label, message: e.message, seconds: Math.max(0, (to - from) / 1000) };
+  });
+  return spans;
+}
+
+function timeline(job, events) {
+  const spans = stageSpans(job, events);
+  const longest = Math.max(0.001, ...spans.map((x) => x.seconds));
+  const engine = job.result?.timings || {};
+  return h("section", { class: "panel", "aria-labelledby": "tl-title", "data-testid": "timeline" },
+    h("h2", { id: "tl-title" }, "Timeline"),
+    spans.length
+      ? h("ol", { class: "timeline" }, spans.map((x) => {
+        const seg = h("div", { class: "seg", title: x.message });
+        seg.style.width = `${(x.seconds / longest) * 100}%`;
+        return h("li", {}, h("span", {}, x.stage.replaceAll("_", " ")), h("div", {}, seg), h("span", { class: "num small" }, duration(x.seconds)));
+      }))
+      : h("p", { class: "muted" }, job.status === "queued" ? "Waiting for a worker." : "No stages recorded."),
+    Object.keys(engine).length
+      ? h("details", {}, h("summary", {}, "Engine timings"), h("dl", { class: "kv" },
+        Object.entries(engine).map(([k, v]) => [h("dt", {}, k), h("dd", {}, duration(v))])))
+      : null,
+    h("details", {}, h("summary", {}, `Events (${events.length})`),
+      h("ol", { class: "small" }, events.map((e) => h("li", {}, `${when(e.created_at)} · ${e.kind}${e.stage ? ` · ${e.stage}` : ""} · ${e.message}`)))));
+}
+
+function sizeSpeed(job, r, artifact) {
+  const before = r.evaluation?.before?.speed, after = r.evaluation?.after?.speed;
+  const pb = r.parameters_before?.total, pa = r.parameters_after?.total;
+  return h("section", { class: "panel", "aria-labelledby": "size-title", "data-testid": "size-speed" },
+    h("h2", { id: "size-title" }, "Model: size and speed"),
+    h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, ""), h("th", { class: "num" }, "before → after"))),
+      h("tbody", {},
+        pb ? h("tr", {}, h("th", { scope: "row" }, "Parameters"), h("td", { class: "num" }, beforeAfter(pb, pa, { format: params }))) : null,
+        r.layers_before ? h("tr", {}, h("th", { scope: "row" }, "Decoder layers"), h("td", { class: "num" }, `${r.layers_before} → ${r.layers_after}`)) : null,
+        h("tr", {}, h("th", { scope: "row" }, "Removed"), h("td", { class: "num" }, removedSummary(r))),
+        artifact ? h("tr", {}, h("th", { scope: "row" }, "Artifact size"), h("td", { class: "num" }, bytes(artifact.total_bytes))) : null,
+        before ? h("tr", {}, h("th", { scope: "row" }, "Forward tokens/s"), h("td", { class: "num" }, beforeAfter(before.forward_tokens_per_s, after?.forward_tokens_per_s, { higherIsBetter: true }))) : null,
+        before ? h("tr", {}, h("th", { scope: "row" }, "Generated tokens/s"), h("td", { class: "num" }, beforeAfter(before.generate_tokens_per_s, after?.generate_tokens_per_s, { higherIsBetter: true }))) : null)),
+    before ? h("p", { class: "small muted" }, `Speed on ${before.device} (${before.dtype}, ${before.threads} threads); timings on a shared machine are noisy.`) : null,
+    !pb && !TERMINAL.has(job.status) ? h("p", { class: "muted" }, "Known when the job has finished.") : null);
+}
+
+function layers(r) {
+  if (!Array.isArray(r.decisions) || !r.decisions.length || !r.layers_before) {
+    return { chart: r.removed_groups ? widthPanel(r) : null, stack: null };
+  }
+  const order = r.removal_order || r.decisions.map((d) => d.chosen);
+  const compensated = new Set(r.compensation?.layers || []);
+  const stack = h("div", { class: "stack", role: "list", "aria-label": "Decoder layers, bottom = first", "data-testid": "model-stack" });
+  for (let i = 0; i < r.layers_before; i += 1) {
+    const at = order.indexOf(i);
+    const removed = (r.removed_layers || []).includes(i);
+    stack.append(h("div", { role: "listitem", class: `layer${removed ? " removed" : ""}${compensated.has(i) ? " comp" : ""}` },
+      h("span", {}, `layer ${i}`),
+      h("span", {}, removed ? `removed${at >= 0 ? ` at decision ${at + 1}` : ""}` : compensated.has(i) ? "kept + projection" : "kept")));
+  }
+  const chart = h("section", { class: "panel", "aria-labelledby": "lc-title" },
+      h("h2", { id: "lc-title" }, "Layer scores per decision"),
+      h("p", { class: "small muted" }, `${r.selector || r.method}${r.score ? ` (${r.score})` : ""}: the lowest score goes at each decision. Colours are scaled within each row.`),
+      h("div", { class: "table-wrap" }, layerHeatmap(r.decisions, r.layers_before, { label: `Scores of ${r.layers_before} layers over ${r.decisions.length} decisions; removed: ${order.join(", ")}` })),
+      legend([
+        { name: "low score", pattern: "background:rgb(var(--heat-lo));border:1px solid var(--border)" },
+        { name: "high score", pattern: "background:rgb(var(--heat-hi))" },
+        { name: "removed at this decision (×)", pattern: "border:2px solid var(--removed)" },
+        { name: "removed earlier", pattern: "background:repeating-linear-gradient(45deg,var(--removed) 0 2px,transparent 2px 5px);opacity:.6" },
+      ]),
+      h("details", {}, h("summary", {}, "Scores as a table"), h("div", { class: "table-wrap" }, h("table", { class: "small" },
+        h("thead", {}, h("tr", {}, h("th", {}, "decision"), h("th", {}, "removed"), Array.from({ length: r.layers_before }, (_, i) => h("th", { class: "num" }, i)))),
+        h("tbody", {}, r.decisions.map((d) => h("tr", {}, h("td", {}, d.step + 1), h("td", {}, d.chosen),
+          Array.from({ length: r.layers_before }, (_, i) => h("td", { class: "num" }, d.scores[String(i)] === undefined ? "" : num(d.scores[String(i)], 4))))))))));
+  const onModel = h("section", { class: "panel", "aria-labelledby": "stack-title" },
+      h("h2", { id: "stack-title" }, "Removed layers on the model"),
+      legend([{ name: "removed", pattern: "border:1px dashed var(--removed)" }, { name: "compensation projection", pattern: "background:var(--comp)" }]),
+      stack);
+  return { chart, stack: onModel };
+}
+
+function widthPanel(r) {
+  const rows = Object.entries(r.removed_groups).sort((a, b) => Number(a[0]) - Number(b[0]));
+  return h("section", { class: "panel", "aria-labelledby": "w-title" },
+    h("h2", { id: "w-title" }, "Removed heads and channels per layer"),
+    h("div", { class: "table-wrap" }, h("table", {},
+      h("thead", {}, h("tr", {}, ["layer", "query heads", "KV heads", "MLP channels"].map((c) => h("th", { class: "num" }, c)))),
+      h("tbody", {}, rows.map(([layer, g]) => h("tr", {}, h("td", { class: "num" }, layer), h("td", { class: "num" }, (g.query_heads || []).length),
+        h("td", { class: "num" }, (g.kv_heads || []).length), h("td", { class: "num" }, g.n_channels)))))));
+}
+
+function compensation(r) {
+  const c = r.compensation;
+  if (!c) return null;
+  if (!c.enabled) {
+    return h("section", { class: "panel", "aria-labelledby": "comp-title" },
+      h("h2", { id: "comp-title" }, "Compensation"), h("p", { class: "muted" }, "Not enabled for this job (option compensation)."));
+  }
+  const projections = c.projections || [];
+  const lossLabel = c.judged_on === "heldout" ? "held-out loss" : "fit loss";
+  const lossBefore = c.heldout_loss_before ?? c.fit_loss_before, lossAfter = c.heldout_loss_after ?? c.fit_loss_after;
+  return h("section", { class: "panel", "aria-labelledby": "comp-title", "data-testid": "compensation" },
+    h("h2", { id: "comp-title" }, "Compensation"),
+    h("p", {}, c.kept
+      ? `Projections kept at layer(s) ${c.layers.join(", ")} (placement ${c.placement}, tried ${c.tried_layers?.join(", ") || "–"}).`
+      : `No projection was kept (placement ${c.placement}${c.reason ? `: ${c.reason}` : ", none improved the " + lossLabel}).`),
+    lossBefore !== undefined && lossBefore !== null ? h("p", {}, `${lossLabel}: `, beforeAfter(lossBefore, lossAfter, { format: (v) => num(v, 4) })) : null,
+    projections.length ? h("div", { class: "table-wrap" }, h("table", {},
+      h("thead", {}, h("tr", {}, ["layer", "target", "weight", "MSE before → after", "held-out MSE before → after", "loss before → after", "kept"].map((t) => h("th", {}, t)))),
+      h("tbody", {}, projections.map((p) => h("tr", {},
+        h("td", { class: "num" }, p.layer), h("td", { class: "num" }, p.target_layer), h("td", { class: "mono" }, p.weight),
+        h("td", { class: "num" }, beforeAfter(p.mse_before, p.mse_after, { format: (v) => num(v, 6) })),
+        h("td", { class: "num" }, p.heldout_mse_before !== undefined ? beforeAfter(p.heldout_mse_before, p.heldout_mse_after, { format: (v) => num(v, 6) }) : "–"),
+        h("td", { class: "num" }, beforeAfter(p.loss_before, p.loss_after, { format: (v) => num(v, 4) }),
+          p.loss_after_refit !== undefined ? h("div", { class: "small muted" }, `after refit on all rows: ${num(p.loss_after_refit, 4)}`) : null),
+        h("td", {}, p.kept ? "yes" : "no (rolled back)")))))) : null);
+}
+
+/** Drift of each kept layer from the original, before compensation; projections' MSE is in the table. */
+function shiftPanel(r) {
+  const shifts = r.mean_shift;
+  const placed = new Set((r.compensation?.projections || []).filter((p) => p.kept).map((p) => p.layer));
+  return h("section", { class: "panel", "aria-labelledby": "shift-title" },
+    h("h2", { id: "shift-title" }, "Hidden-state shift per kept layer"),
+    lineChart([
+      { name: "relative shift", points: shifts.map((x) => ({ x: x.layer, y: x.shift, label: `layer ${x.layer}: relative shift ${num(x.shift, 4)}${placed.has(x.layer) ? " (projection here)" : ""}` })) },
+      { name: "mean shift", points: shifts.map((x) => ({ x: x.layer, y: x.mean_shift, label: `layer ${x.layer}: mean shift ${num(x.mean_shift, 4)}` })) },
+    ], { xLabel: "kept layer (original index)", yLabel: "shift / hidden norm", label: "Per-layer shift of the hidden states", xFormat: (v) => String(Math.round(v)), testid: "shift-chart" }),
+    legend([{ name: "relative shift (mean per-token distance)", color: "#2f6fde" }, { name: "mean shift (shift of the mean)", color: "#d9480f" }]),
+    h("p", { class: "small muted" }, "Measured after removal, before compensation: how far each kept layer's output moved from the original model's. After compensation the report records each projection's error at its target layer (the MSE columns under Compensation)."));
+}
+
+function evaluation(r) {
+  const ev = r.evaluation;
+  if (!ev) return null;
+  const rows = [];
+  const texts = new Set([...Object.keys(ev.before?.perplexity || {}), ...Object.keys(ev.after?.perplexity || {})]);
+  for (const text of texts) {
+    const lens = new Set([...Object.keys(ev.before?.perplexity?.[text] || {}), ...Object.keys(ev.after?.perplexity?.[text] || {})]);
+    for (const len of lens) {
+      const b = ev.before?.perplexity?.[text]?.[len]?.ppl, a = ev.after?.perplexity?.[text]?.[len]?.ppl;
+      rows.push(h("tr", {}, h("th", { scope: "row" }, `perplexity · ${text} @ ${len}`), h("td", { class: "num" }, num(b)), h("td", { class: "num" }, num(a)),
+        h("td", { class: "num" }, change(b, a))));
+    }
+  }
+  const tasks = new Set([...Object.keys(ev.before?.tasks || {}), ...Object.keys(ev.after?.tasks || {})]);
+  for (const task of tasks) {
+    const b = ev.before?.tasks?.[task], a = ev.after?.tasks?.[task];
+    const diff = b && a ? a.acc - b.acc : null;
+    const noise = b && a ? 2 * Math.hypot(b.acc_stderr || 0, a.acc_stderr || 0) : null;
+    const verdict = diff === null ? "–" : Math.abs(diff) <= noise ? `tie (${diff >= 0 ? "+" : ""}${num(diff * 100, 1)} pts, within 2 SE)` : `${diff >= 0 ? "+" : ""}${num(diff * 100, 1)} pts`;
+    rows.push(h("tr", {}, h("th", { scope: "row" }, `accuracy · ${task}${b?.n ? ` (n=${b.n})` : ""}`),
+      h("td", { class: "num" }, b ? `${num(b.acc * 100, 1)} ± ${num((b.acc_stderr || 0) * 100, 1)}` : "–"),
+      h("td", { class: "num" }, a ? `${num(a.acc * 100, 1)} ± ${num((a.acc_stderr || 0) * 100, 1)}` : "–"),
+      h("td", { class: "num" }, verdict)));
+  }
+  return h("section", { class: "panel", "aria-labelledby": "ev-title" },
+    h("h2", { id: "ev-title" }, "Evaluation"),
+    h("div", { class: "table-wrap" }, h("table", { "data-testid": "evaluation-table", "aria-labelledby": "ev-title" },
+      h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "measure"), h("th", { scope: "col", class: "num" }, "before"), h("th", { scope: "col", class: "num" }, "after"), h("th", { scope: "col", class: "num" }, "change"))),
+      h("tbody", {}, rows.length ? rows : h("tr", {}, h("td", { colspan: 4, class: "muted" }, "Only speed and size were measured."))))),
+    ev.before?.cached ? h("p", { class: "small muted" }, "The dense (before) side came from the per-model evaluation cache.") : null);
+}
+
+function change(before, after) {
+  if (!Number.isFinite(before) || !Number.isFinite(after) || !before) return "–";
+  const rel = (after - before) / Math.abs(before);
+  return h("span", { class: Math.abs(rel) < 0.005 ? "muted" : rel > 0 ? "delta-bad" : "delta-good" }, `${rel >= 0 ? "+" : ""}${num(rel * 100, 1)} %`);
+}
+
+function artifactPanel(job, artifact) {
+  const snippet = [
+    "from transformers import AutoModelForCausalLM, AutoTokenizer",
+    "",
+    `# unpack first: curl -H "Authorization: Bearer $KEY" ${location.origin}${artifact.archive_url} | tar x`,
+    `path = "${artifact.id}"`,
+    "model = AutoModelForCausalLM.from_pretrained(path)",
+    "tokenizer = AutoTokenizer.from_pretrained(path)",
+  ].join("\n");
+  const pre = h("pre", { class: "snippet", "data-testid": "snippet" }, h("code", {}, snippet));
+  const copy = h("button", { type: "button", onclick: async () => {
+    try { await navigator.clipboard.writeText(snippet); toast("Snippet copied"); } catch { toast("Copy failed: select the text instead"); }
+  } }, "Copy snippet");
+  const save = (url, name) => async (event) => {
+    event.preventDefault();
+    try { await downloadFile(url, name); } catch (err) { toast(`Download failed: ${err.detail || err.message}`); }
+  };
+  return h("section", { class: "panel", "aria-labelledby": "art-title", "data-testid": "artifact" },
+    h("h2", { id: "art-title" }, "Artifact"),
+    h("p", {}, h("span", { class: "mono" }, artifact.id), ` · ${artifact.files.length} files · ${bytes(artifact.total_bytes)} · `,
+      h("a", { href: artifact.archive_url, onclick: save(artifact.archive_url, `${artifact.id}.tar`) }, "download all (tar)")),
+    h("div", { class: "table-wrap" }, h("table", {},
+      h("thead", {}, h("tr", {}, h("th", {}, "file"), h("th", { class: "num" }, "size"), h("th", {}, "sha256"))),
+      h("tbody", {}, artifact.files.map((f) => h("tr", { "data-file": f.path },
+        h("td", {}, h("a", { href: f.url, download: f.path.split("/").pop(), "data-testid": "download", onclick: save(f.url, f.path.split("/").pop()) }, f.path)),
+        h("td", { class: "num" }, bytes(f.size_bytes)),
+        h("td", { class: "mono sha", "data-testid": "sha256" }, f.sha256)))))),
+    h("h3", {}, "Load it with transformers"), pre, copy,
+    h("p", { class: "small muted" }, "Downloads use your key; every file's sha256 is also in SHA256SUMS."));
+}
+
