@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from workers.engine.types import EngineError
 
 PROBLEM_JSON = "application/problem+json"
+log = logging.getLogger(__name__)
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# How the databases word a full disk: SQLite's SQLITE_FULL, PostgreSQL's "could not extend file".
+DISK_FULL_MESSAGES = ("database or disk is full", "no space left on device", "could not extend file")
 
 # Engine error codes that mean "the request was wrong" map to 4xx statuses.
 ENGINE_ERROR_STATUS = {
@@ -58,6 +65,28 @@ def _validation_detail(exc: RequestValidationError) -> tuple[str, list[dict[str,
     return f"Invalid request: {summary}", errors
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """True if `exc` or anything in its cause chain is a full disk or an exhausted disk quota."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(current).lower() for text in DISK_FULL_MESSAGES):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def insufficient_storage() -> JSONResponse:
+    return problem(
+        507,
+        "insufficient_storage",
+        "The server's disk is full, so nothing was stored; try again later or ask the operator to free space.",
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -72,6 +101,15 @@ def install_error_handlers(app: FastAPI) -> None:
         detail, errors = _validation_detail(exc)
         code = "malformed_json" if detail.startswith("The request body is not valid JSON") else "validation_error"
         return problem(400 if code == "malformed_json" else 422, code, detail, errors=errors)
+
+    @app.exception_handler(OSError)
+    @app.exception_handler(OperationalError)
+    async def _storage(_request: Request, exc: Exception) -> JSONResponse:
+        if is_disk_full(exc):
+            log.warning("disk full: %s", exc)
+            return insufficient_storage()
+        log.exception("unexpected error", exc_info=exc)
+        return problem(500, "internal_error", "The server failed unexpectedly; the error has been logged.")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
