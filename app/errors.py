@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -77,6 +79,19 @@ def is_disk_full(exc: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def no_space_left(path: Path, reserve_bytes: int = 1 << 20) -> bool:
+    """True if the filesystem holding `path` has less than `reserve_bytes` free for us.
+
+    For libraries that lose the ENOSPC on the way up (kombu's filesystem transport retries a
+    failed write and then raises an unrelated error), the disk itself is the evidence.
+    """
+    try:
+        usage = os.statvfs(path)
+    except OSError:
+        return False
+    return usage.f_bavail * usage.f_frsize < reserve_bytes
 
 
 def insufficient_storage() -> JSONResponse:

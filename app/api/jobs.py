@@ -16,7 +16,7 @@ from sqlalchemy import and_, or_, select, update
 
 from app.api.deps import ServicesDep, SessionDep, TenantDep
 from app.dryrun import dry_run as run_dry_run
-from app.errors import ApiError, is_disk_full
+from app.errors import ApiError, is_disk_full, no_space_left
 from app.inputs import EventCursor, parse_last_event_id, require_plain_text
 from app.jobs_service import add_event, create_job, tenant_job, validate_job
 from app.models import JOB_STATUSES, TERMINAL_STATUSES, Job, JobEvent, utcnow
@@ -63,7 +63,8 @@ def submit_job(
         try:
             services.enqueue(job.id)
         except Exception as exc:  # broker down or its disk full: say so; the row must not claim to be queued
-            full = is_disk_full(exc)
+            settings = services.settings
+            full = is_disk_full(exc) or (settings.embedded_broker and no_space_left(settings.broker_dir))
             _fail_unqueued(session, job, exc, "insufficient_storage" if full else "broker_unavailable")
             if full:
                 raise ApiError(507, "insufficient_storage", "The job queue's disk is full; try again later.") from exc

@@ -65,7 +65,9 @@ def test_control_characters_in_headers_and_upload_names_are_400_and_store_nothin
     text = b"calibration text " * 20
     # httpx would percent-encode a NUL in the file name; send the multipart body as a raw client can.
     raw = (
-        b'--b\r\nContent-Disposition: form-data; name="file"; filename="calib\x00.txt"\r\n\r\n' + text + b"\r\n--b--\r\n"
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="calib\x00.txt"\r\n\r\n'
+        + text
+        + b"\r\n--b--\r\n"
     )
     response = api.post("/v1/datasets", content=raw, headers={"content-type": "multipart/form-data; boundary=b"})
     assert_problem(response, 400, "invalid_characters")
