@@ -18,6 +18,7 @@ from workers.engine.types import EngineError
 
 PROBLEM_JSON = "application/problem+json"
 log = logging.getLogger(__name__)
+BODY_PARSE_ERROR = "There was an error parsing the body"
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # How the databases word a full disk: SQLite's SQLITE_FULL, PostgreSQL's "could not extend file".
 DISK_FULL_MESSAGES = ("database or disk is full", "no space left on device", "could not extend file")
@@ -129,4 +130,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status_code, "http_error")
-        return problem(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+        detail = str(exc.detail)
+        if exc.status_code == 400 and detail == BODY_PARSE_ERROR:
+            # FastAPI's answer when the JSON parser itself fails, e.g. on a body nested too deeply.
+            code, detail = "malformed_json", "The request body could not be parsed (malformed or nested too deeply)."
+        return problem(exc.status_code, code, detail, headers=getattr(exc, "headers", None))

@@ -6,6 +6,7 @@ a query, so such input is refused up front with a 4xx instead of failing deep in
 
 from __future__ import annotations
 
+import math
 import unicodedata
 from typing import Annotated, Any
 from urllib.parse import unquote_to_bytes
@@ -47,6 +48,20 @@ def control_char_error(value: Any, allow: frozenset[str] = frozenset(), where: s
             found = control_char_error(item, allow, f"{where}[{index}]")
             if found:
                 return found
+    return None
+
+
+def non_finite_error(value: Any, where: str = "") -> str | None:
+    """A message naming the first NaN/Infinity in JSON-like data, or None.
+
+    Python's JSON parser accepts these non-standard tokens, but PostgreSQL's JSON type does not.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where or 'value'} is {value}, which is not a JSON number"
+    if isinstance(value, dict):
+        return next((e for k, v in value.items() if (e := non_finite_error(v, f"{where}.{k}".strip(".")))), None)
+    if isinstance(value, list | tuple):
+        return next((e for i, v in enumerate(value) if (e := non_finite_error(v, f"{where}[{i}]"))), None)
     return None
 
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
 
-from app.inputs import TEXT_WHITESPACE, control_char_error
+from app.inputs import TEXT_WHITESPACE, control_char_error, non_finite_error
 from app.models import Job
 
 
@@ -52,6 +52,8 @@ class JobCreate(Strict):
                 found = control_char_error(str(key), where=f"{key!s} (key)") or control_char_error(value, allow, key)
                 if found:
                     raise ValueError(f"{found}; use printable characters only")
+                if found := non_finite_error(value, key):
+                    raise ValueError(f"{found}; use finite numbers")
         return data
 
 

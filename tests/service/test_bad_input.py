@@ -214,3 +214,14 @@ def test_a_model_directory_without_config_is_still_422(api: Api, model_root: Pat
         api.post("/v1/jobs", params={"dry_run": "true"}, json=tiny_job(model_root, model=model)), 422, "unknown_model"
     )
     shutil.rmtree(root)
+
+
+def test_deeply_nested_or_non_finite_json_bodies_are_4xx(api: Api, model_root: Path) -> None:
+    deep = b'{"model": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    headers = {"content-type": "application/json"}
+    assert_problem(api.post("/v1/jobs", content=deep, headers=headers), 400, "malformed_json")
+    # NaN/Infinity are not JSON, though Python parses them; PostgreSQL's JSON column would refuse them.
+    body = json.dumps(tiny_job(model_root, method="gradmap", options={"compensation_ridge": float("inf")}))
+    detail = assert_problem(api.post("/v1/jobs", content=body, headers=headers), 422, "validation_error")["detail"]
+    assert "finite" in detail
+    assert job_count(api) == 0
