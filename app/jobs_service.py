@@ -128,7 +128,7 @@ def create_job(
     """
     digest = request_hash(body)
     if idempotency_key:
-        existing = _idempotent_twin(session, tenant_id, idempotency_key, digest)
+        existing = idempotent_twin(session, tenant_id, idempotency_key, digest)
         if existing is not None:
             return existing, False
     job = Job(
@@ -149,7 +149,7 @@ def create_job(
         session.flush()
     except IntegrityError:
         session.rollback()
-        existing = _idempotent_twin(session, tenant_id, idempotency_key, digest) if idempotency_key else None
+        existing = idempotent_twin(session, tenant_id, idempotency_key, digest) if idempotency_key else None
         if existing is None:
             raise
         return existing, False
@@ -157,7 +157,8 @@ def create_job(
     return job, True
 
 
-def _idempotent_twin(session: Session, tenant_id: str, key: str, digest: str) -> Job | None:
+def idempotent_twin(session: Session, tenant_id: str, key: str, digest: str) -> Job | None:
+    """The job already created with this key (409 if it was for a different body), or None."""
     existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
     if existing is not None and existing.request_hash != digest:
         raise ApiError(

@@ -18,7 +18,7 @@ from app.api.deps import ServicesDep, SessionDep, TenantDep
 from app.dryrun import dry_run as run_dry_run
 from app.errors import ApiError, is_disk_full, no_space_left
 from app.inputs import EventCursor, parse_last_event_id, require_plain_text
-from app.jobs_service import add_event, create_job, tenant_job, validate_job
+from app.jobs_service import add_event, create_job, idempotent_twin, request_hash, tenant_job, validate_job
 from app.models import JOB_STATUSES, TERMINAL_STATUSES, Job, JobEvent, utcnow
 from app.openapi import V1_RESPONSES, responses, text_response
 from app.quotas import check_job_quota, check_storage_quota
@@ -55,8 +55,10 @@ def submit_job(
     spec = validate_job(body, session, tenant, services.settings)
     if dry_run:
         return JSONResponse(run_dry_run(body, spec, services.settings))
-    check_job_quota(session, tenant, services.settings)
-    check_storage_quota(session, tenant, services.settings)
+    if not (idempotency_key and idempotent_twin(session, tenant, idempotency_key, request_hash(body))):
+        # Quotas limit new jobs; a replay of an existing one still answers 200.
+        check_job_quota(session, tenant, services.settings)
+        check_storage_quota(session, tenant, services.settings)
     job, created = create_job(session, tenant, body, spec, services.settings, idempotency_key)
     session.commit()
     if created:

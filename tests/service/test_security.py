@@ -152,6 +152,14 @@ def test_active_job_quota_is_429_per_tenant(api: Api, model_root: Path) -> None:
     body = assert_problem(api.post("/v1/jobs", json=tiny_job(model_root)), 429, "job_quota_exceeded")
     assert "limit 2" in body["detail"]
     assert api.post("/v1/jobs", json=tiny_job(model_root), key=KEY_B).status_code == 202
+    replay = api.post("/v1/jobs", json=tiny_job(model_root), headers={"Idempotency-Key": "k1"})
+    assert replay.status_code == 429  # a new job, so the quota applies
+    api.settings.max_active_jobs_per_tenant = 3
+    assert api.post("/v1/jobs", json=tiny_job(model_root), headers={"Idempotency-Key": "k1"}).status_code == 202
+    api.settings.max_active_jobs_per_tenant = 2
+    # A replay of an existing job is no new job: it still answers 200 at the quota.
+    assert api.post("/v1/jobs", json=tiny_job(model_root), headers={"Idempotency-Key": "k1"}).status_code == 200
+    api.settings.max_active_jobs_per_tenant = 3
     job_id = api.get("/v1/jobs").json()["items"][0]["id"]
     api.post(f"/v1/jobs/{job_id}/cancel")
     assert api.post("/v1/jobs", json=tiny_job(model_root)).status_code == 202
