@@ -134,7 +134,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_create_key(args: argparse.Namespace) -> int:
     from app.auth import create_key
     from app.db import make_engine, make_session_factory, session_scope
+    from app.tenants import InvalidTenant, validate_tenant_id
 
+    try:
+        validate_tenant_id(args.tenant)
+    except InvalidTenant as exc:
+        print(f"slimforge create-key: {exc}", file=sys.stderr)
+        return 2
     settings = get_settings()
     with session_scope(make_session_factory(make_engine(settings.resolved_database_url))) as session:
         key = create_key(session, args.tenant, name=args.name)

@@ -36,10 +36,14 @@ def detect_format(filename: str, requested: str | None) -> str:
     return fmt
 
 
-def store_upload(source: BinaryIO, fmt: str, tmp_dir: Path, final_dir: Path, max_bytes: int) -> StoredUpload:
-    """Copy the upload to a temp file (enforcing the size limit), validate it, then move it in place."""
+def store_upload(source: BinaryIO, fmt: str, tmp_dir: Path, final: Path, max_bytes: int) -> StoredUpload:
+    """Copy the upload to a temp file (enforcing the size limit), validate it, then move it to `final`.
+
+    `final` belongs to one dataset row, so a caller whose insert fails can delete it without
+    touching another dataset's file. On any error here nothing is left behind.
+    """
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    final_dir.mkdir(parents=True, exist_ok=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_dir / f"upload-{uuid.uuid4().hex}.{fmt}"
     digest = hashlib.sha256()
     size = 0
@@ -58,8 +62,7 @@ def store_upload(source: BinaryIO, fmt: str, tmp_dir: Path, final_dir: Path, max
         if size == 0:
             raise ApiError(422, "empty_upload", "The uploaded file is empty.")
         n_texts, n_chars = validate_text(tmp, fmt)
-        final = final_dir / f"{digest.hexdigest()}.{fmt}"
-        os.replace(tmp, final)  # content-addressed: identical uploads share one file
+        os.replace(tmp, final)
         return StoredUpload(final, size, digest.hexdigest(), n_texts, n_chars)
     finally:
         tmp.unlink(missing_ok=True)
@@ -89,6 +92,12 @@ def validate_text(path: Path, fmt: str) -> tuple[int, int]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ApiError(422, "invalid_jsonl", f"Line {number} is not valid JSON: {exc.msg}.") from exc
+        except RecursionError:
+            # The C decoder stops at the interpreter's recursion limit (about 1000 levels) and
+            # raises instead of crashing; a calibration record is one flat object.
+            raise ApiError(
+                422, "invalid_jsonl", f"Line {number} is nested too deeply; each line must be a flat JSON object."
+            ) from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ApiError(422, "invalid_jsonl", f"Line {number} needs a string field 'text'.")
         n_texts += 1

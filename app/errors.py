@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,8 +17,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from workers.engine.types import EngineError
 
-log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
+log = logging.getLogger(__name__)
+BODY_PARSE_ERROR = "There was an error parsing the body"
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# How the databases word a full disk: SQLite's SQLITE_FULL, PostgreSQL's "could not extend file".
+DISK_FULL_MESSAGES = ("database or disk is full", "no space left on device", "could not extend file")
 
 # Engine error codes that mean "the request was wrong" map to 4xx statuses.
 ENGINE_ERROR_STATUS = {
@@ -65,6 +72,41 @@ def _validation_detail(exc: RequestValidationError) -> tuple[str, list[dict[str,
     return f"Invalid request: {summary}", errors
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """True if `exc` or anything in its cause chain is a full disk or an exhausted disk quota."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(current).lower() for text in DISK_FULL_MESSAGES):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def no_space_left(path: Path, reserve_bytes: int = 1 << 20) -> bool:
+    """True if the filesystem holding `path` has less than `reserve_bytes` free for us.
+
+    For libraries that lose the ENOSPC on the way up (kombu's filesystem transport retries a
+    failed write and then raises an unrelated error), the disk itself is the evidence.
+    """
+    try:
+        usage = os.statvfs(path)
+    except OSError:
+        return False
+    return usage.f_bavail * usage.f_frsize < reserve_bytes
+
+
+def insufficient_storage() -> JSONResponse:
+    return problem(
+        507,
+        "insufficient_storage",
+        "The server's disk is full, so nothing was stored; try again later or ask the operator to free space.",
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -73,12 +115,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeout)
     async def _database_down(_request: Request, exc: Exception) -> JSONResponse:
-        if "disk is full" in str(exc):  # SQLite on a full disk
-            return problem(
-                507,
-                "insufficient_storage",
-                "The server's disk is full, so nothing was stored; free space (or ask the operator to), then retry.",
-            )
+        if is_disk_full(exc):
+            log.warning("disk full: %s", exc)
+            return insufficient_storage()
         # A restarting or unreachable database is a temporary condition, not a server bug.
         log.warning("database unavailable: %s", exc.__class__.__name__)
         return problem(
@@ -98,7 +137,19 @@ def install_error_handlers(app: FastAPI) -> None:
         code = "malformed_json" if detail.startswith("The request body is not valid JSON") else "validation_error"
         return problem(400 if code == "malformed_json" else 422, code, detail, errors=errors)
 
+    @app.exception_handler(OSError)
+    async def _storage(_request: Request, exc: Exception) -> JSONResponse:
+        if is_disk_full(exc):
+            log.warning("disk full: %s", exc)
+            return insufficient_storage()
+        log.exception("unexpected error", exc_info=exc)
+        return problem(500, "internal_error", "The server failed unexpectedly; the error has been logged.")
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status_code, "http_error")
-        return problem(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+        detail = str(exc.detail)
+        if exc.status_code == 400 and detail == BODY_PARSE_ERROR:
+            # FastAPI's answer when the JSON parser itself fails, e.g. on a body nested too deeply.
+            code, detail = "malformed_json", "The request body could not be parsed (malformed or nested too deeply)."
+        return problem(exc.status_code, code, detail, headers=getattr(exc, "headers", None))

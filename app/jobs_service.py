@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from fnmatch import fnmatchcase
 from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.errors import ApiError
 from app.events import PENDING_KEY
 from app.models import Dataset, Job, JobEvent, utcnow
+from app.netguard import WebhookTargetRefused, check_url_literal, parse_networks
 from app.schemas import DatasetCalibration, JobCreate
 from app.settings import Settings
 from workers.engine.modelzoo import check_model_id
@@ -34,7 +37,8 @@ def _readable(exc: ValidationError, prefix: str) -> str:
 
 def validate_job(body: JobCreate, session: Session, tenant_id: str, settings: Settings) -> dict[str, Any]:
     """Check everything that can be checked without loading a model; return the normalised spec."""
-    check_model_id(body.model, settings.allowed_model_roots)
+    if check_model_id(body.model, settings.allowed_model_roots) == "hub":
+        check_hub_allowed(body.model, settings.allowed_hub_models)
     method = get_method(body.method)
     try:
         options = parse_options(method, body.options)
@@ -65,12 +69,30 @@ def validate_job(body: JobCreate, session: Session, tenant_id: str, settings: Se
             "webhooks_disabled",
             "This server has no SLIMFORGE_WEBHOOK_SECRET, so it cannot sign webhooks; omit webhook_url.",
         )
+    if body.webhook_url is not None:
+        try:
+            check_url_literal(str(body.webhook_url), parse_networks(settings.webhook_allowed_networks))
+        except WebhookTargetRefused as exc:
+            raise ApiError(422, "webhook_url_not_allowed", f"The {exc}.") from None
     if isinstance(body.calibration, DatasetCalibration):
         _tenant_dataset(session, tenant_id, body.calibration.dataset_id)
     spec = body.model_dump(mode="json")
     spec["options"] = options.model_dump(mode="json")
     spec["evaluation"] = evaluation
     return spec
+
+
+def check_hub_allowed(model_id: str, allowed: list[str]) -> None:
+    """Hub ids download code-adjacent files and weights on a worker: only operator-approved ones."""
+    if any(fnmatchcase(model_id, pattern) for pattern in allowed):
+        return
+    hint = f"allowed here: {', '.join(allowed)}" if allowed else "none are allowed on this server"
+    raise ApiError(
+        403,
+        "hub_model_not_allowed",
+        f"Hugging Face model {model_id!r} is not in SLIMFORGE_ALLOWED_HUB_MODELS ({hint}); "
+        "use a builtin: model or a local directory, or ask the operator to allow it.",
+    )
 
 
 def _tenant_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
@@ -108,17 +130,15 @@ def create_job(
     settings: Settings,
     idempotency_key: str | None,
 ) -> tuple[Job, bool]:
-    """Insert the job (or find the idempotent twin); returns (job, created)."""
+    """Insert the job (or find the idempotent twin); returns (job, created).
+
+    Two concurrent requests with one key both miss the first look-up; the unique constraint
+    lets one insert win, and the loser rolls back and answers with the winner's job.
+    """
     digest = request_hash(body)
     if idempotency_key:
-        existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key))
+        existing = idempotent_twin(session, tenant_id, idempotency_key, digest)
         if existing is not None:
-            if existing.request_hash != digest:
-                raise ApiError(
-                    409,
-                    "idempotency_conflict",
-                    "This Idempotency-Key was already used with a different request body; use a new key.",
-                )
             return existing, False
     job = Job(
         tenant_id=tenant_id,
@@ -134,9 +154,28 @@ def create_job(
         created_at=utcnow(),
     )
     session.add(job)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        existing = idempotent_twin(session, tenant_id, idempotency_key, digest) if idempotency_key else None
+        if existing is None:
+            raise
+        return existing, False
     add_event(session, job.id, "status", "job queued", data={"status": "queued"})
     return job, True
+
+
+def idempotent_twin(session: Session, tenant_id: str, key: str, digest: str) -> Job | None:
+    """The job already created with this key (409 if it was for a different body), or None."""
+    existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+    if existing is not None and existing.request_hash != digest:
+        raise ApiError(
+            409,
+            "idempotency_conflict",
+            "This Idempotency-Key was already used with a different request body; use a new key.",
+        )
+    return existing
 
 
 def tenant_job(session: Session, tenant_id: str, job_id: str) -> Job:

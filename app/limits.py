@@ -26,19 +26,27 @@ class BodySizeLimit:
             await self._reject(send)
             return
         received = 0
-        started = False
+        started = exceeded = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    exceeded = True
                     raise BodyTooLarge()
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
+            if exceeded:
+                # A chunked body (no Content-Length) ran over while the app parsed it; the body
+                # parser turns our exception into its own 400, which we replace with the 413.
+                if not started:
+                    started = True
+                    await self._reject(send)
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
@@ -46,6 +54,7 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
+                started = True
                 await self._reject(send)
 
     async def _reject(self, send: Send) -> None:

@@ -10,7 +10,9 @@ from fastapi import FastAPI
 
 from app.api import artifacts, catalog, datasets, health, jobs, ui
 from app.errors import install_error_handlers
+from app.inputs import ControlCharGuard
 from app.limits import BodySizeLimit
+from app.ratelimit import RateLimit
 from app.services import Services
 from app.settings import Settings, get_settings
 
@@ -39,5 +41,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     for module in (jobs, datasets, artifacts, catalog, health):
         app.include_router(module.router)
     ui.install(app)  # the dashboard at /ui/
+    # Added innermost first: a request meets the rate limiter, then the input guard, then the size limit.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    app.add_middleware(ControlCharGuard)
+    app.add_middleware(RateLimit, settings=settings)
     return app

@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
 
+from app.inputs import TEXT_WHITESPACE, control_char_error, non_finite_error
 from app.models import Job
 
 
@@ -40,6 +41,20 @@ class JobCreate(Strict):
     evaluation: dict[str, Any] | None = Field(None, description="what to evaluate before and after pruning")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     webhook_url: AnyHttpUrl | None = Field(None, description="POSTed the job JSON, signed, when it ends")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_control_characters(cls, data: Any) -> Any:
+        # Ids and URLs must be printable; free-form option/evaluation strings may keep whitespace.
+        if isinstance(data, dict):
+            for key, value in data.items():
+                allow = TEXT_WHITESPACE if key in ("options", "evaluation") else frozenset()
+                found = control_char_error(str(key), where=f"{key!s} (key)") or control_char_error(value, allow, key)
+                if found:
+                    raise ValueError(f"{found}; use printable characters only")
+                if found := non_finite_error(value, key):
+                    raise ValueError(f"{found}; use finite numbers")
+        return data
 
 
 class JobError(BaseModel):
@@ -102,6 +117,14 @@ class JobOut(BaseModel):
             result=job.result,
             artifact_id=job.artifact_id,
         )
+
+
+class DryRunOut(BaseModel):
+    dry_run: Literal[True]
+    model: str
+    method: str
+    plan: dict[str, Any]
+    spec: dict[str, Any]
 
 
 class JobPage(BaseModel):

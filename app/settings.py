@@ -54,10 +54,42 @@ class Settings(BaseSettings):
     # On SIGTERM, how long to wait for the running job to hand itself back to the queue.
     shutdown_grace_seconds: float = 60.0
 
+    # --- Limits and security (issue #9). 0 disables a rate limit or quota. ---
+    # Hugging Face ids a job may name ("org/name" or "org/*"); empty: no hub model is allowed.
+    allowed_hub_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Networks (CIDR) a webhook may reach although they are not global (e.g. "10.0.0.0/8,127.0.0.1/32").
+    webhook_allowed_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Bearer token for a scrape of every tenant's /metrics; without it /metrics needs an API key
+    # and shows only that key's tenant.
+    metrics_token: str | None = None
+    # Token buckets (requests per second, burst) per client address and per API key; the load
+    # benchmark sets the rates to 0 (off) because it drives one address with one key.
+    rate_limit_per_address: float = 100.0
+    rate_limit_per_address_burst: int = 400
+    rate_limit_per_key: float = 100.0
+    rate_limit_per_key_burst: int = 400
+    # Failed authentications (401) an address may make per minute before it is answered 429.
+    auth_failures_per_minute: float = 30.0
+    auth_failures_burst: int = 30
+    # Per-tenant quotas: queued + running jobs (429 when reached) and stored bytes of datasets and
+    # artifacts (507 when reached).
+    max_active_jobs_per_tenant: int = 100
+    max_stored_bytes_per_tenant: int = 200 * 2**30
+    # A dry run reads only config.json; this bounds how long that may take inside a request.
+    dry_run_timeout_seconds: float = 5.0
+
     @field_validator("allowed_model_roots", mode="before")
     @classmethod
     def _parse_roots(cls, value: object) -> object:
         return _split_paths(value)
+
+    @field_validator("allowed_hub_models", "webhook_allowed_networks", mode="before")
+    @classmethod
+    def _parse_list(cls, value: object) -> object:
+        # Comma-separated in the environment (hub ids contain "/" and networks contain ":").
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
 
     @cached_property
     def resolved_database_url(self) -> str:
@@ -96,12 +128,21 @@ class Settings(BaseSettings):
         return self.data_dir / "eval-cache"
 
     def ensure_dirs(self) -> None:
-        for path in (self.data_dir, self.models_dir, self.datasets_dir, self.artifacts_dir, self.tmp_dir):
-            path.mkdir(parents=True, exist_ok=True)
+        """Create the data directory tree, private to the service's user (dirs 0700, files 0600)."""
+        from app.security import private_dir, restrict_umask
+
+        restrict_umask()
+        dirs = [self.data_dir, self.models_dir, self.datasets_dir, self.artifacts_dir, self.tmp_dir]
         if self.embedded_broker:
-            (self.broker_dir / "queue").mkdir(parents=True, exist_ok=True)
-            (self.broker_dir / "processed").mkdir(parents=True, exist_ok=True)
-            (self.broker_dir / "control").mkdir(parents=True, exist_ok=True)
+            dirs += [self.broker_dir, *(self.broker_dir / name for name in ("queue", "processed", "control"))]
+        for path in dirs:
+            private_dir(path)
+        if self.resolved_database_url.startswith("sqlite:///"):
+            from app.security import private_file
+
+            db = Path(self.resolved_database_url.removeprefix("sqlite:///"))
+            for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+                private_file(path)
 
 
 def get_settings() -> Settings:

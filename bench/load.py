@@ -83,7 +83,8 @@ class Stack:
             SLIMFORGE_BOOTSTRAP_KEY=KEY,
             SLIMFORGE_ALLOWED_MODEL_ROOTS=str(models),
             # The benchmark is one client address and one key at dashboard-fleet rates.
-            SLIMFORGE_RATE_LIMIT_ENABLED="false",
+            SLIMFORGE_RATE_LIMIT_PER_ADDRESS="0",
+            SLIMFORGE_RATE_LIMIT_PER_KEY="0",
             OMP_NUM_THREADS="1",
         )
         if mode == "production":

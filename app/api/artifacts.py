@@ -12,9 +12,17 @@ from fastapi.responses import StreamingResponse
 from app.api.deps import ServicesDep, SessionDep, TenantDep
 from app.errors import ApiError
 from app.models import Artifact, ArtifactFile
+from app.openapi import V1_RESPONSES, binary_response, empty_response, responses
 from app.schemas import ArtifactFileOut, ArtifactOut
 
-router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
+router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"], responses=V1_RESPONSES)
+FILE_RESPONSES = {
+    200: binary_response("The whole file", "application/octet-stream"),
+    206: binary_response("The requested byte range (Content-Range)", "application/octet-stream"),
+    304: empty_response("Not modified (If-None-Match matched the ETag)"),
+    416: empty_response("Range not satisfiable (Content-Range: bytes */size)"),
+    **responses(404),
+}
 CHUNK = 1 << 20
 
 
@@ -25,7 +33,7 @@ def _tenant_artifact(session: SessionDep, tenant: str, artifact_id: str) -> Arti
     return artifact
 
 
-@router.get("/{artifact_id}", response_model=ArtifactOut)
+@router.get("/{artifact_id}", response_model=ArtifactOut, responses=responses(404))
 def get_artifact(artifact_id: str, session: SessionDep, tenant: TenantDep) -> ArtifactOut:
     artifact = _tenant_artifact(session, tenant, artifact_id)
     base = f"/v1/artifacts/{artifact.id}"
@@ -69,7 +77,7 @@ def _read(path: Path, start: int, end: int) -> Iterator[bytes]:
             yield block
 
 
-@router.get("/{artifact_id}/files/{file_path:path}")
+@router.get("/{artifact_id}/files/{file_path:path}", response_class=StreamingResponse, responses=FILE_RESPONSES)
 def download_file(
     artifact_id: str, file_path: str, request: Request, services: ServicesDep, session: SessionDep, tenant: TenantDep
 ) -> Response:
@@ -117,7 +125,11 @@ def _tar_stream(root: Path, files: list[ArtifactFile], prefix: str) -> Iterator[
     yield b"\0" * (2 * tarfile.BLOCKSIZE)  # end-of-archive marker
 
 
-@router.get("/{artifact_id}/archive")
+@router.get(
+    "/{artifact_id}/archive",
+    response_class=StreamingResponse,
+    responses={200: binary_response("A POSIX tar of the artifact", "application/x-tar"), **responses(404)},
+)
 def download_archive(artifact_id: str, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> Response:
     """The whole artifact as one uncompressed tar (safetensors do not compress), streamed."""
     artifact = _tenant_artifact(session, tenant, artifact_id)

@@ -7,10 +7,11 @@ from typing import Any
 from fastapi import APIRouter
 
 from app.api.deps import ServicesDep, TenantDep
+from app.openapi import responses
 from workers.engine.modelzoo import BUILTIN_MODELS, BUILTIN_PREFIX, builtin_installed
 from workers.engine.registry import all_methods
 
-router = APIRouter(prefix="/v1", tags=["catalog"])
+router = APIRouter(prefix="/v1", tags=["catalog"], responses=responses(401, 429))
 
 
 @router.get("/models")

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+import hmac
+import logging
+
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from sqlalchemy import func, select, text
 
 from app.api.deps import ServicesDep
+from app.auth import tenant_for_request
 from app.errors import problem
 from app.models import JOB_STATUSES, Job
+from app.openapi import responses, text_response
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 
 
@@ -18,31 +24,53 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=None)
+@router.get("/readyz", response_model=None, responses=responses(503))
 def readyz(services: ServicesDep) -> dict[str, str] | Response:
+    # The reason goes to the log, not to the (unauthenticated) caller: driver errors name hosts and users.
     checks = {}
     try:
         with services.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         checks["database"] = "ok"
-    except Exception as exc:  # readiness reports, it never raises
-        return problem(503, "not_ready", f"database unreachable: {exc}")
+    except Exception:  # readiness reports, it never raises
+        log.exception("readiness: database unreachable")
+        return problem(503, "not_ready", "The database is unreachable; see the server log.")
     try:
         with services.celery.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
         checks["broker"] = "ok"
-    except Exception as exc:
-        return problem(503, "not_ready", f"broker unreachable: {exc}")
+    except Exception:
+        log.exception("readiness: broker unreachable")
+        return problem(503, "not_ready", "The job queue (broker) is unreachable; see the server log.")
     return {"status": "ready", **checks}
 
 
-@router.get("/metrics")
-def metrics(services: ServicesDep) -> Response:
+def _scrape_scope(request: Request, services: ServicesDep) -> str | None:
+    """None (every tenant) for the operator's SLIMFORGE_METRICS_TOKEN, else the API key's tenant."""
+    token = services.settings.metrics_token
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if token and scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode()):
+        return None
+    with services.sessions() as session:
+        return tenant_for_request(request, session)
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: text_response("Prometheus text format", "text/plain"), **responses(401, 429)},
+)
+def metrics(request: Request, services: ServicesDep) -> Response:
+    """Job counts by status: all tenants with the metrics token, else only the caller's tenant."""
+    tenant = _scrape_scope(request, services)
     # A fresh registry per scrape: job counts come from the database, the source of truth.
     registry = CollectorRegistry()
     jobs = Gauge("slimforge_jobs", "Jobs by status", ["status"], registry=registry)
+    query = select(Job.status, func.count()).group_by(Job.status)
+    if tenant is not None:
+        query = query.where(Job.tenant_id == tenant)
     with services.sessions() as session:
-        counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+        counts = dict(session.execute(query).all())
     for status in JOB_STATUSES:
         jobs.labels(status=status).set(counts.get(status, 0))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
@@ -16,22 +17,34 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ServicesDep, SessionDep, TenantDep
 from app.auth import bearer_digest
-from app.errors import ApiError
+from app.dryrun import dry_run as run_dry_run
+from app.errors import ApiError, is_disk_full, no_space_left
 from app.events import TooManyStreams, is_terminal_event
-from app.jobs_service import add_event, create_job, tenant_job, validate_job
+from app.inputs import EventCursor, parse_last_event_id, require_plain_text
+from app.jobs_service import add_event, create_job, idempotent_twin, request_hash, tenant_job, validate_job
 from app.models import JOB_STATUSES, TERMINAL_STATUSES, Job, JobEvent, utcnow
-from app.schemas import EventOut, JobCreate, JobOut, JobPage
+from app.openapi import V1_RESPONSES, responses, text_response
+from app.quotas import check_job_quota, check_storage_quota
+from app.schemas import DryRunOut, EventOut, JobCreate, JobOut, JobPage
 from app.webhooks import notify_terminal
-from workers.engine.modelzoo import BUILTIN_PREFIX, resolve_checkpoint
-from workers.engine.pipeline import plan
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-# Event sequence numbers are 32-bit integers in the store.
-MAX_SEQ = 2**31 - 1
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=V1_RESPONSES)
 EVENT_PAGE = 500
 
 
-@router.post("", status_code=202, response_model=JobOut)
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobOut,
+    responses={
+        200: {
+            "description": "An idempotent replay (the existing job), or the plan of a dry run",
+            "model": JobOut | DryRunOut,
+        },
+        **responses(403, 404, 409, 413, 503, 507),
+    },
+)
 def submit_job(
     body: JobCreate,
     request: Request,
@@ -42,16 +55,25 @@ def submit_job(
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
     dry_run: bool = False,
 ) -> Any:
+    require_plain_text(idempotency_key, "The Idempotency-Key header")
     spec = validate_job(body, session, tenant, services.settings)
     if dry_run:
-        return JSONResponse(_dry_run(body, spec, services))
+        return JSONResponse(run_dry_run(body, spec, services.settings))
+    if not (idempotency_key and idempotent_twin(session, tenant, idempotency_key, request_hash(body))):
+        # Quotas limit new jobs; a replay of an existing one still answers 200.
+        check_job_quota(session, tenant, services.settings)
+        check_storage_quota(session, tenant, services.settings)
     job, created = create_job(session, tenant, body, spec, services.settings, idempotency_key)
     session.commit()
     if created:
         try:
             services.enqueue(job.id)
-        except Exception as exc:  # broker down: say so; the job row must not claim to be queued
-            _fail_unqueued(session, job, exc)
+        except Exception as exc:  # broker down or its disk full: say so; the row must not claim to be queued
+            settings = services.settings
+            full = is_disk_full(exc) or (settings.embedded_broker and no_space_left(settings.broker_dir))
+            _fail_unqueued(session, job, exc, "insufficient_storage" if full else "broker_unavailable")
+            if full:
+                raise ApiError(507, "insufficient_storage", "The job queue's disk is full; try again later.") from exc
             raise ApiError(503, "broker_unavailable", "The job queue is unreachable; try again later.") from exc
     else:
         response.status_code = 200
@@ -59,35 +81,24 @@ def submit_job(
     return JobOut.from_row(job)
 
 
-def _fail_unqueued(session: SessionDep, job: Job, exc: Exception) -> None:
-    session.execute(
-        update(Job)
-        .where(Job.id == job.id)
-        .values(status="failed", error_code="broker_unavailable", error_message=str(exc)[:500], finished_at=utcnow())
-    )
-    session.commit()
+def _fail_unqueued(session: SessionDep, job: Job, exc: Exception, code: str) -> None:
+    try:
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id)
+            .values(status="failed", error_code=code, error_message=str(exc)[:500], finished_at=utcnow())
+        )
+        session.commit()
+    except Exception:  # the store may be on the same full disk; the job then stays queued for a re-publish
+        session.rollback()
+        log.exception("could not mark unqueued job %s failed", job.id)
 
 
-def _dry_run(body: JobCreate, spec: dict[str, Any], services: ServicesDep) -> dict[str, Any]:
-    from transformers import AutoConfig
-
-    settings = services.settings
-    if body.model.startswith(BUILTIN_PREFIX) or body.model.startswith(("/", ".", "~")):
-        source = resolve_checkpoint(body.model, settings.allowed_model_roots, settings.models_dir)
-    else:
-        source = body.model
-    config = AutoConfig.from_pretrained(source)
-    resolved = plan(
-        config,
-        method=body.method,
-        target_sparsity=body.target_sparsity,
-        sparsity_basis=body.sparsity_basis,
-        options=spec["options"],
-    )
-    return {"dry_run": True, "model": body.model, "method": body.method, "plan": resolved, "spec": spec}
-
-
-@router.get("/{job_id}", response_model=JobOut)
+@router.get(
+    "/{job_id}",
+    response_model=JobOut,
+    responses={304: {"description": "Not modified (If-None-Match matched the ETag)"}, **responses(404)},
+)
 def get_job(job_id: str, request: Request, session: SessionDep, tenant: TenantDep) -> Response:
     """The job; `ETag` + `If-None-Match` make an unchanged poll a bodiless 304."""
     job = tenant_job(session, tenant, job_id)
@@ -147,7 +158,7 @@ def list_jobs(
     return JobPage(items=[JobOut.from_row(j) for j in items], next_cursor=next_cursor)
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut)
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=responses(404))
 def cancel_job(job_id: str, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> JobOut:
     """Cooperative and idempotent: a queued job never starts, a running one stops at its next step."""
     job = tenant_job(session, tenant, job_id)
@@ -161,7 +172,12 @@ def cancel_job(job_id: str, services: ServicesDep, session: SessionDep, tenant: 
         if changed:
             add_event(session, job.id, "status", "job cancelled before it started", data={"status": "cancelled"})
             session.commit()
-            notify_terminal(services.sessions, job.id, services.settings.webhook_secret)
+            notify_terminal(
+                services.sessions,
+                job.id,
+                services.settings.webhook_secret,
+                allowed_networks=services.settings.webhook_allowed_networks,
+            )
     elif job.status == "running":
         changed = session.execute(
             update(Job).where(Job.id == job.id, Job.status == "running").values(status="cancelling")
@@ -173,7 +189,7 @@ def cancel_job(job_id: str, services: ServicesDep, session: SessionDep, tenant: 
     return JobOut.from_row(job)
 
 
-@router.post("/{job_id}/retry", response_model=JobOut, status_code=202)
+@router.post("/{job_id}/retry", response_model=JobOut, status_code=202, responses=responses(404, 409, 503))
 def retry_job(job_id: str, response: Response, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> JobOut:
     """Run a failed or cancelled job again with the same spec (a fresh attempt budget)."""
     job = tenant_job(session, tenant, job_id)
@@ -213,21 +229,22 @@ def _events_after(session: SessionDep, job_id: str, after: int, limit: int = EVE
     return [EventOut.model_validate(row, from_attributes=True) for row in rows]
 
 
-@router.get("/{job_id}/events", response_model=list[EventOut])
-def list_events(
-    job_id: str, session: SessionDep, tenant: TenantDep, after: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0
-) -> list[EventOut]:
+@router.get("/{job_id}/events", response_model=list[EventOut], responses=responses(404))
+def list_events(job_id: str, session: SessionDep, tenant: TenantDep, after: EventCursor = 0) -> list[EventOut]:
     tenant_job(session, tenant, job_id)
     return _events_after(session, job_id, after)
 
 
-@router.get("/{job_id}/events/stream")
+@router.get(
+    "/{job_id}/events/stream",
+    response_class=StreamingResponse,
+    responses={
+        200: text_response("Server-Sent Events: `id:` is the event seq, `data:` an event JSON", "text/event-stream"),
+        **responses(404, 429),
+    },
+)
 async def stream_events(
-    job_id: str,
-    request: Request,
-    services: ServicesDep,
-    tenant: TenantDep,
-    after: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
+    job_id: str, request: Request, services: ServicesDep, tenant: TenantDep, after: EventCursor = 0
 ) -> StreamingResponse:
     """Server-Sent Events: each event once, in order; the stream ends when the job is terminal.
 
@@ -235,7 +252,7 @@ async def stream_events(
     hub (app.events), and the database is read only to resume (`Last-Event-ID` / `after`), to fill
     a gap, and at each keep-alive.
     """
-    last = resume_point(request.headers.get("last-event-id"), after)
+    last = parse_last_event_id(request.headers.get("last-event-id"), after)
     await run_in_threadpool(_check_job, services, tenant, job_id)
     try:
         subscription = services.subscribe(job_id, owner=bearer_digest(request))
@@ -285,20 +302,6 @@ async def stream_events(
     return StreamingResponse(
         generate(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
-
-
-def resume_point(last_event_id: str | None, after: int) -> int:
-    """The sequence number to resume after: `Last-Event-ID` (a reconnecting EventSource) wins over `after`."""
-    if last_event_id is None or not last_event_id.strip():
-        return after
-    value = last_event_id.strip()
-    if not value.isdigit() or int(value) > MAX_SEQ:
-        raise ApiError(
-            400,
-            "invalid_last_event_id",
-            f"Last-Event-ID must be an event sequence number (0..{MAX_SEQ}), not {value[:40]!r}.",
-        )
-    return int(value)
 
 
 def _check_job(services: ServicesDep, tenant: str, job_id: str) -> None:

@@ -171,5 +171,11 @@ def test_catalog_health_and_metrics(api: Api, model_root: Path) -> None:
     assert api.client.get("/healthz").json() == {"status": "ok"}
     assert api.client.get("/readyz").json()["database"] == "ok"
     api.post("/v1/jobs", json=tiny_job(model_root))
-    metrics = api.client.get("/metrics").text
+    metrics = api.get("/metrics").text
     assert 'slimforge_jobs{status="queued"} 1.0' in metrics
+    # Without the operator's metrics token a scrape needs a key and sees only its own tenant.
+    assert_problem(api.client.get("/metrics"), 401, "unauthorized")
+    assert 'slimforge_jobs{status="queued"} 0.0' in api.get("/metrics", key=KEY_B).text
+    api.settings.metrics_token = "scrape-token"
+    everyone = api.client.get("/metrics", headers={"Authorization": "Bearer scrape-token"}).text
+    assert 'slimforge_jobs{status="queued"} 1.0' in everyone

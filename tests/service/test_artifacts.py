@@ -104,7 +104,9 @@ def test_cancel_while_running_publishes_nothing(api: Api, model_root: Path) -> N
     assert not any(api.settings.artifacts_dir.iterdir())
 
 
-def test_terminal_state_is_posted_to_a_signed_webhook(api: Api, model_root: Path) -> None:
+def test_terminal_state_is_posted_to_a_signed_webhook(
+    api: Api, model_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import http.server
     import threading
 
@@ -130,6 +132,10 @@ def test_terminal_state_is_posted_to_a_signed_webhook(api: Api, model_root: Path
         url = f"http://127.0.0.1:{server.server_port}/hook"
         assert_problem(api.post("/v1/jobs", json=tiny_job(model_root, webhook_url=url)), 422, "webhooks_disabled")
         api.settings.webhook_secret = "s3cret"
+        # Loopback is refused unless the operator allow-lists it (at submit, and again at send time).
+        assert_problem(api.post("/v1/jobs", json=tiny_job(model_root, webhook_url=url)), 422, "webhook_url_not_allowed")
+        api.settings.webhook_allowed_networks = ["127.0.0.0/8"]
+        monkeypatch.setenv("SLIMFORGE_WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8")  # what the worker reads
         job = api.post("/v1/jobs", json=tiny_job(model_root, webhook_url=url)).json()
         assert run_job(job["id"], api.settings, api.client.app.state.services.sessions) == "succeeded"
         assert done.wait(30)

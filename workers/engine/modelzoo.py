@@ -70,6 +70,9 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 BUILTIN_PREFIX = "builtin:"
+# config.json of each built-in model, derived from its GGUF metadata (scripts/builtin_configs.py),
+# so a plan needs neither the GGUF parse nor a dequantised copy.
+BUILTIN_CONFIG_DIR = Path(__file__).with_name("builtin_configs")
 
 
 def default_cache_dir() -> Path:
@@ -177,6 +180,31 @@ def resolve_checkpoint(
     if kind == "local":
         return resolve_local_dir(model_id, allowed_roots or [])
     return model_id
+
+
+def config_path(model_id: str, allowed_roots: list[Path] | None = None, cache_dir: Path | None = None) -> Path:
+    """The config.json that describes a model, found without loading weights or going online.
+
+    Built-in: the cached dequantised copy's config if present, else the shipped one. Local: the
+    directory's config.json. Hub: only a copy already in the Hugging Face cache.
+    """
+    kind = check_model_id(model_id, allowed_roots)
+    if kind == "builtin":
+        name = model_id[len(BUILTIN_PREFIX) :]
+        cached = (cache_dir or default_cache_dir()) / name / "config.json"
+        return cached if cached.is_file() else BUILTIN_CONFIG_DIR / f"{name}.json"
+    if kind == "local":
+        return resolve_local_dir(model_id, allowed_roots or []) / "config.json"
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(model_id, "config.json")
+    if not isinstance(found, str):
+        raise EngineError(
+            "config_not_cached",
+            f"The config of {model_id!r} is not in this server's Hugging Face cache, and a dry run never "
+            "downloads; submit the job without dry_run (the worker fetches the model) or pre-fetch it.",
+        )
+    return Path(found)
 
 
 def load_model(
