@@ -131,3 +131,9 @@ def lookup_tenant(sessions: sessionmaker[Session], digest: str) -> str:
         raise ApiError(401, "unauthorized", "Invalid or revoked API key.")
     KEY_CACHE.put(digest, row.tenant_id)
     return row.tenant_id
+
+
+def tenant_for_request(request: Request, sessions: sessionmaker[Session]) -> str:
+    """The caller's tenant, for code already running in a worker thread (the cache first)."""
+    digest = bearer_digest(request)
+    return KEY_CACHE.get(digest) or lookup_tenant(sessions, digest)

@@ -51,8 +51,7 @@ def _scrape_scope(request: Request, services: ServicesDep) -> str | None:
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
     if token and scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode()):
         return None
-    with services.sessions() as session:
-        return tenant_for_request(request, session)
+    return tenant_for_request(request, services.sessions)
 
 
 @router.get(
