@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import os
@@ -16,6 +15,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import retry_on_disconnect, session_scope
+from app.errors import is_disk_full
 from app.jobs_service import add_event
 from app.models import Artifact, ArtifactFile, Dataset, Job, new_id, utcnow
 from app.settings import Settings
@@ -82,6 +82,10 @@ def claim(sessions: sessionmaker[Session], job_id: str) -> int | None:
 
 
 HANDED_BACK = "handed_back"
+DISK_FULL_MESSAGE = (
+    "The server's data directory ran out of space while writing the artifact; nothing was published. "
+    "Free space (or ask the operator to), then retry the job."
+)
 
 
 def run_job(job_id: str, settings: Settings, sessions: sessionmaker[Session]) -> str | None:
@@ -127,21 +131,11 @@ def _run_claimed(job_id: str, settings: Settings, sessions: sessionmaker[Session
         return None
     except EngineError as exc:
         return _end(sessions, state, "failed", code=exc.code, message=exc.message)
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
-            log.exception("job %s failed", job_id)
-            return _end(sessions, state, "failed", code="internal_error", message=f"{type(exc).__name__}: {exc}"[:2000])
-        return _end(
-            sessions,
-            state,
-            "failed",
-            code="disk_full",
-            message="The server's data directory ran out of space while writing the artifact; "
-            "nothing was published. Free space (or ask the operator to), then retry the job.",
-        )
     except torch.cuda.OutOfMemoryError as exc:
         return _end(sessions, state, "failed", code="out_of_memory", message=f"The device ran out of memory: {exc}")
     except Exception as exc:
+        if is_disk_full(exc):  # also safetensors' own error type, which wraps ENOSPC in a message
+            return _end(sessions, state, "failed", code="disk_full", message=DISK_FULL_MESSAGE)
         log.exception("job %s failed", job_id)
         return _end(sessions, state, "failed", code="internal_error", message=f"{type(exc).__name__}: {exc}"[:2000])
     finally:
