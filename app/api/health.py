@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
-from sqlalchemy import func, select, text
+from prometheus_client import CONTENT_TYPE_LATEST
+from sqlalchemy import text
 
 from app.api.deps import ServicesDep
 from app.errors import problem
-from app.models import JOB_STATUSES, Job
 
 router = APIRouter(tags=["health"])
 
@@ -38,11 +37,9 @@ def readyz(services: ServicesDep) -> dict[str, str] | Response:
 
 @router.get("/metrics")
 def metrics(services: ServicesDep) -> Response:
-    # A fresh registry per scrape: job counts come from the database, the source of truth.
-    registry = CollectorRegistry()
-    jobs = Gauge("slimforge_jobs", "Jobs by status", ["status"], registry=registry)
+    # Job metrics come from the database (the source of truth) at every scrape; see app/metrics.py.
+    from app.metrics import exposition
+
     with services.sessions() as session:
-        counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
-    for status in JOB_STATUSES:
-        jobs.labels(status=status).set(counts.get(status, 0))
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        body = exposition(session)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
