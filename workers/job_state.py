@@ -67,8 +67,9 @@ class ProgressPlan:
             # GradMAP and SLEB re-score once per removed layer; one-shot scores need one pass.
             iterative = spec.get("method") in ("gradmap", "sleb") and options.get("iterative", True)
             costs["scoring"] = float(removed if iterative else 1)
-        if options.get("compensation") is False:
-            costs["compensating"] = 0.0
+        if spec.get("method") == "llm_pruner":
+            costs["scoring"] = 1.0  # one gradient pass over the calibration batch
+        costs["compensating"] = 1.0 if options.get("compensation") else 0.0
         if options.get("recovery"):
             costs["recovering"] = 0.1 * float(options.get("recovery_steps", 50))
         evaluation = spec.get("evaluation")

@@ -107,7 +107,7 @@ class _CancelAndReport(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.cancelled, dtype=torch.bool, device=input_ids.device)
 
 
-def _start_prompts(tokenizer: Any, n_samples: int, seed: int) -> torch.Tensor:
+def start_prompts(tokenizer: Any, n_samples: int, seed: int) -> torch.Tensor:
     """One seeded ordinary start token per sample (after BOS when the model has one)."""
     generator = torch.Generator().manual_seed(seed)
     special = set(tokenizer.all_special_ids or [])
@@ -172,7 +172,7 @@ def self_generated_batches(
             progress("calibrating", 1.0, f"reusing {n_samples}x{seq_len} self-generated tokens (cached)")
             return cached
     device = next(model.parameters()).device
-    prompts = _start_prompts(tokenizer, n_samples, seed)
+    prompts = start_prompts(tokenizer, n_samples, seed)
     pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     total = n_samples * seq_len
     progress("calibrating", 0.0, f"sampling {n_samples}x{seq_len} tokens from the model")
