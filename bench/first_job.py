@@ -74,6 +74,28 @@ def stage_seconds(events: list[dict], finished_at: str) -> dict[str, float]:
     return out
 
 
+def load_downloaded(client: httpx.Client, job_id: str, into: Path) -> dict:
+    """Quickstart steps 3-4: download the archive, check the sums, load it with plain transformers."""
+    import io
+    import tarfile
+
+    from transformers import AutoModelForCausalLM
+
+    from workers.engine.artifact import verify_checksums
+
+    art = client.get(f"/v1/jobs/{job_id}").raise_for_status().json()["artifact_id"]
+    archive = client.get(f"/v1/artifacts/{art}/archive").raise_for_status().content
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    model = AutoModelForCausalLM.from_pretrained(into / art)
+    return {
+        "archive_bytes": len(archive),
+        "checksums_ok": not verify_checksums(into / art),
+        "loaded_layers": model.config.num_hidden_layers,
+        "loaded_dtype": str(model.dtype),
+    }
+
+
 def run_job(client: httpx.Client) -> dict:
     submitted = time.perf_counter()
     job = client.post("/v1/jobs", json=JOB).raise_for_status().json()
@@ -99,7 +121,9 @@ def run_job(client: httpx.Client) -> dict:
         "timings": (state["result"] or {}).get("timings"),
         "heldout": (state["result"] or {}).get("heldout"),
         "removed_layers": (state["result"] or {}).get("removed_layers"),
+        "artifact": (state["result"] or {}).get("artifact"),
         "progress_monotonic": all(b >= a for a, b in zip(progress, progress[1:], strict=False)),
+        "id": job["id"],
     }
 
 
@@ -134,6 +158,7 @@ def main() -> int:
                 except httpx.TransportError:
                     time.sleep(0.5)
             jobs = [run_job(client) for _ in range(args.repeat)]
+            downloaded = load_downloaded(client, jobs[0]["id"], Path(tmp) / "download")
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -147,6 +172,7 @@ def main() -> int:
         "torch_threads": torch.get_num_threads(),
         "jobs": [{**job, "ratio_to_fwd_bwd": round(job["submit_to_end_seconds"] / unit, 2)} for job in jobs],
         "target_ratio": 10.0,
+        "downloaded_artifact": downloaded,
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -4,7 +4,7 @@
 # uniform (the default, a plain checkpoint) against per_layer (the paper's protocol).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-bench/results/width-layouts.jsonl}
+OUT=${1:-docs/benchmarks/width-layouts.jsonl}
 mkdir -p "$(dirname "$OUT")"; rm -f "$OUT"
 for layout in uniform per_layer; do
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} nice -n 19 .venv/bin/python bench/width_pruning.py run --out "$OUT" \
