@@ -140,3 +140,30 @@ def test_docs_are_served_offline_and_evaluations_are_discoverable(api: Api, mode
     response = api.post("/v1/jobs", json=tiny_job(model_root, evaluation={"tasks": ["mmlu"]}))
     assert_problem(response, 422, "invalid_evaluation")
     assert "arc_easy" in response.json()["detail"] and "winogrande" in response.json()["detail"]
+
+
+def test_heartbeat_ticks_move_progress_between_sparse_reports_but_never_past_the_next(
+    api: Api, model_root: Path
+) -> None:
+    from workers.job_state import JobState, ProgressPlan
+    from workers.runner import claim
+
+    job_id = api.post("/v1/jobs", json=tiny_job(model_root)).json()["id"]
+    sessions = api.client.app.state.services.sessions
+    state = JobState(sessions, job_id, claim(sessions, job_id), min_write_interval=0.0)
+    state.plan = ProgressPlan.for_spec({"method": "gradmap", "target_sparsity": 0.5, "sparsity_basis": "layers"}, 4)
+    state.progress("scoring", 0.0, "decision 1/2")
+    time.sleep(0.2)
+    state.progress("scoring", 0.5, "decision 2/2")  # one decision took 0.2 s and moved 1/2 of the stage
+    reported = state.percent
+    time.sleep(0.1)
+    state.tick()
+    moved = api.get(f"/v1/jobs/{job_id}").json()["progress"]
+    low, high = state.plan.span(3)
+    assert reported < moved < reported + 0.9 * (reported - low) + 0.01 and moved < high
+    time.sleep(0.5)
+    state.tick()  # far longer than a decision: capped below the next checkpoint
+    capped = api.get(f"/v1/jobs/{job_id}").json()["progress"]
+    assert moved <= capped <= reported + 0.9 * (reported - low) + 0.01
+    state.progress("scoring", 0.5)  # a late report of the same point never moves the number back
+    assert api.get(f"/v1/jobs/{job_id}").json()["progress"] >= capped
