@@ -7,11 +7,13 @@ from contextlib import asynccontextmanager
 
 import anyio.to_thread
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
-from app.api import artifacts, catalog, datasets, health, jobs, ui
+from app.api import artifacts, catalog, datasets, evaluations, health, jobs, ui
 from app.errors import install_error_handlers
 from app.inputs import ControlCharGuard
 from app.limits import BodySizeLimit
+from app.metrics import HttpLatency
 from app.ratelimit import RateLimit
 from app.services import Services
 from app.settings import Settings, get_settings
@@ -30,7 +32,8 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(
+    # /docs and /redoc from assets shipped in the fastapi-offline package: nothing from a CDN.
+    app = FastAPIOffline(
         title="Slimforge",
         version="1",
         description="Compression-as-a-service for LLMs: GradMAP layer pruning, LLM-Pruner width pruning.",
@@ -38,11 +41,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     )
     app.state.services = services or Services.build(settings)
     install_error_handlers(app)
-    for module in (jobs, datasets, artifacts, catalog, health):
+    for module in (jobs, datasets, artifacts, catalog, evaluations, health):
         app.include_router(module.router)
     ui.install(app)  # the dashboard at /ui/
     # Added innermost first: a request meets the rate limiter, then the input guard, then the size limit.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD)
     app.add_middleware(ControlCharGuard)
     app.add_middleware(RateLimit, settings=settings)
+    app.add_middleware(HttpLatency)
     return app

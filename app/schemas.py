@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 from app.inputs import TEXT_WHITESPACE, control_char_error, non_finite_error
 from app.models import Job
+from workers.engine.evaluation.config import EvaluationConfig
 
 
 class Strict(BaseModel):
@@ -30,6 +31,13 @@ class DatasetCalibration(Strict):
 
 Calibration = Annotated[SelfGeneratedCalibration | DatasetCalibration, Field(discriminator="source")]
 
+# The job's `evaluation` as OpenAPI shows it (EvaluationConfig's fields and examples); the body is
+# validated against that model in jobs_service, so its errors carry the `invalid_evaluation` code.
+Evaluation = Annotated[
+    dict[str, Any] | None,
+    WithJsonSchema({"anyOf": [EvaluationConfig.model_json_schema(), {"type": "null"}]}),
+]
+
 
 class JobCreate(Strict):
     model: str = Field(min_length=1, max_length=512, examples=["builtin:smollm2-135m"])
@@ -38,7 +46,12 @@ class JobCreate(Strict):
     sparsity_basis: Literal["layers", "parameters"] = "layers"
     calibration: Calibration = Field(default_factory=lambda: SelfGeneratedCalibration(source="self_generated"))
     options: dict[str, Any] = Field(default_factory=dict, description="method options (see GET /v1/methods)")
-    evaluation: dict[str, Any] | None = Field(None, description="what to evaluate before and after pruning")
+    evaluation: Evaluation = Field(
+        None, description="what to evaluate before and after pruning (catalogue: GET /v1/evaluations)"
+    )
+    artifact_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype of the saved weights; auto = the source checkpoint's (bf16 for the built-ins)"
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1)
     webhook_url: AnyHttpUrl | None = Field(None, description="POSTed the job JSON, signed, when it ends")
 

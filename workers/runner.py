@@ -7,6 +7,9 @@ import logging
 import os
 import shutil
 import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +25,19 @@ from app.settings import Settings
 from app.webhooks import notify_terminal
 from workers import shutdown
 from workers.engine import pipeline
-from workers.engine.artifact import write_artifact
-from workers.engine.calibration import read_calibration_file, self_generated_batches, token_batches
+from workers.engine.artifact import checkpoint_dtype, resolve_artifact_dtype, write_artifact
+from workers.engine.calibration import (
+    holdout_count,
+    read_calibration_file,
+    self_generated_batches,
+    split_holdout,
+    token_batches,
+)
 from workers.engine.device import pick_device, pick_dtype
-from workers.engine.modelzoo import load_model
+from workers.engine.heldout import WriterSnapshot, heldout_quality
+from workers.engine.modelzoo import load_model, resolve_checkpoint
 from workers.engine.types import EngineError, JobCancelled
-from workers.job_state import Heartbeat, JobState, LostOwnership
+from workers.job_state import Heartbeat, JobState, LostOwnership, ProgressPlan
 
 log = logging.getLogger(__name__)
 
@@ -164,45 +174,122 @@ def _execute(
     spec: dict[str, Any], tenant_id: str, settings: Settings, state: JobState, out_dir: Path
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     device = pick_device(settings.device)
+    timer = StageTimer()
     state.progress("loading_model", 0.0, f"loading {spec['model']} on {device}")
-    model, tokenizer = load_model(
-        spec["model"],
-        allowed_roots=settings.allowed_model_roots,
-        cache_dir=settings.models_dir,
-        device=device,
-        dtype=pick_dtype(device),
-    )
+    with timer("loading_model"):
+        model, tokenizer = load_model(
+            spec["model"],
+            allowed_roots=settings.allowed_model_roots,
+            cache_dir=settings.models_dir,
+            device=device,
+            dtype=pick_dtype(device),
+        )
+        source = resolve_checkpoint(spec["model"], settings.allowed_model_roots, settings.models_dir)
+        artifact_dtype = resolve_artifact_dtype(
+            spec.get("artifact_dtype", "auto"), checkpoint_dtype(spec["model"], source), next(model.parameters()).dtype
+        )
+    state.plan = ProgressPlan.for_spec(spec, getattr(model.config, "num_hidden_layers", None))
     state.progress("loading_model", 1.0)
     if state.should_cancel():
         raise JobCancelled()
 
-    calibration = _calibration(spec["calibration"], tenant_id, settings, model, tokenizer, state, spec.get("seed", 0))
+    with timer("calibrating"):
+        calibration, heldout_ids = _calibration(spec, tenant_id, settings, model, tokenizer, state)
+    heldout = HeldOut(spec["calibration"], heldout_ids, state.should_cancel)
+    with timer("heldout"):
+        heldout.measure("dense", model)
     evaluation = spec.get("evaluation")
-    dense_eval = _evaluate(model, tokenizer, evaluation, spec, tenant_id, settings, state, dense=True)
+    with timer("evaluating_dense"):
+        dense_eval = _evaluate(model, tokenizer, evaluation, spec, tenant_id, settings, state, dense=True)
 
-    outcome = pipeline.prune(
-        model,
-        calibration,
-        method=spec["method"],
-        target_sparsity=spec["target_sparsity"],
-        sparsity_basis=spec["sparsity_basis"],
-        options=spec["options"],
-        progress=state.progress,
-        should_cancel=state.should_cancel,
-        seed=spec.get("seed", 0),
-        tokenizer=tokenizer,
-    )
+    compensation_on = bool(spec["options"].get("compensation"))
+    snapshot = WriterSnapshot(model) if compensation_on else None
+
+    def progress(stage: str, fraction: float, message: str | None = None) -> None:
+        # Recovery starts on the pruned model: the one point its quality is visible from outside.
+        if stage == "recovering" and "pruned" not in heldout.points:
+            with timer("heldout"):
+                heldout.measure("pruned", model)
+        state.progress(stage, fraction, message)
+
+    with timer("pruning_total"):
+        outcome = pipeline.prune(
+            model,
+            calibration,
+            method=spec["method"],
+            target_sparsity=spec["target_sparsity"],
+            sparsity_basis=spec["sparsity_basis"],
+            options=spec["options"],
+            progress=progress,
+            should_cancel=state.should_cancel,
+            seed=spec.get("seed", 0),
+            tokenizer=tokenizer,
+        )
+    with timer("heldout"):
+        final = "recovered" if "recovery" in outcome.report else "pruned"
+        if snapshot is not None and outcome.report.get("compensation", {}).get("kept"):
+            with snapshot.original(outcome.model):
+                heldout.measure("pruned", outcome.model)
+            final = "compensated"
+        heldout.measure(final, outcome.model)
+    del snapshot
+    outcome.report["heldout"] = heldout.report()
     if evaluation:
-        pruned_eval = _evaluate(outcome.model, tokenizer, evaluation, spec, tenant_id, settings, state, dense=False)
+        with timer("evaluating_pruned"):
+            pruned_eval = _evaluate(outcome.model, tokenizer, evaluation, spec, tenant_id, settings, state, dense=False)
         outcome.report["evaluation"] = {"before": dense_eval, "after": pruned_eval}
     outcome.report["calibration"] = {**spec["calibration"], "tokens_sha256": tensor_sha256(calibration)}
 
     state.progress("saving", 0.0, "writing artifact")
     if state.should_cancel():
         raise JobCancelled()
-    files = write_artifact(outcome, tokenizer, out_dir, model_id=spec["model"])
+    # Engine timings (scoring, compensating, ...) stay; the job-level stages are added beside them.
+    outcome.report["timings"] = {**outcome.report.get("timings", {}), **timer.seconds()}
+    with timer("saving"):
+        files = write_artifact(outcome, tokenizer, out_dir, model_id=spec["model"], dtype=artifact_dtype)
     state.progress("saving", 0.9)
+    outcome.report["timings"]["saving"] = timer.seconds()["saving"]
     return outcome.report, files
+
+
+class HeldOut:
+    """Held-out calibration rows and the quality measured on them at each point of the job."""
+
+    def __init__(self, cal: dict[str, Any], ids: torch.Tensor, should_cancel: Any) -> None:
+        self.cal = cal
+        self.ids = ids
+        self.should_cancel = should_cancel
+        self.points: dict[str, dict[str, Any]] = {}
+
+    def measure(self, name: str, model: Any) -> None:
+        self.points[name] = heldout_quality(model, self.ids, self.should_cancel)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "source": self.cal["source"],
+            "samples": int(self.ids.shape[0]),
+            "seq_len": int(self.ids.shape[1]),
+            "note": "rows drawn beside the calibration batch, never given to the method",
+            **self.points,
+        }
+
+
+class StageTimer:
+    """Wall seconds per job stage (summed when a stage runs more than once)."""
+
+    def __init__(self) -> None:
+        self._seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._seconds[stage] = self._seconds.get(stage, 0.0) + time.perf_counter() - started
+
+    def seconds(self) -> dict[str, float]:
+        return {stage: round(value, 3) for stage, value in self._seconds.items()}
 
 
 def _dataset(dataset_id: str, tenant_id: str, settings: Settings, sessions: sessionmaker[Session]) -> Dataset:
@@ -214,25 +301,34 @@ def _dataset(dataset_id: str, tenant_id: str, settings: Settings, sessions: sess
 
 
 def _calibration(
-    cal: dict[str, Any], tenant_id: str, settings: Settings, model: Any, tokenizer: Any, state: JobState, seed: int
-) -> torch.Tensor:
+    spec: dict[str, Any], tenant_id: str, settings: Settings, model: Any, tokenizer: Any, state: JobState
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration batch, held-out rows): both drawn together, the held-out ones never reach the method.
+
+    Self-generated tokens are cached per (model, seed, count, length) in the data directory.
+    """
+    cal, seed, model_id = spec["calibration"], spec.get("seed", 0), spec["model"]
+    n_heldout = holdout_count(cal["n_samples"])
+    n_total = cal["n_samples"] + n_heldout
     state.progress("calibrating", 0.0, f"building {cal['n_samples']}x{cal['seq_len']} calibration tokens")
     if cal["source"] == "dataset":
         dataset = _dataset(cal["dataset_id"], tenant_id, settings, state.sessions)
         texts = read_calibration_file(settings.data_dir / dataset.path)
-        batch = token_batches(tokenizer, texts, cal["n_samples"], cal["seq_len"], seed=seed)
+        batch = token_batches(tokenizer, texts, n_total, cal["seq_len"], seed=seed)
     else:
         batch = self_generated_batches(
             model,
             tokenizer,
-            cal["n_samples"],
+            n_total,
             cal["seq_len"],
             seed=seed,
             progress=state.progress,
             should_cancel=state.should_cancel,
+            cache_dir=settings.data_dir / "calibration-cache",
+            model_key=dense_model_key(model_id, settings, model),
         )
     state.progress("calibrating", 1.0)
-    return batch
+    return split_holdout(batch, n_heldout)
 
 
 def tensor_sha256(tokens: torch.Tensor) -> str:

@@ -6,13 +6,12 @@ import hmac
 import logging
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
-from sqlalchemy import func, select, text
+from prometheus_client import CONTENT_TYPE_LATEST
+from sqlalchemy import text
 
 from app.api.deps import ServicesDep
 from app.auth import tenant_for_request
 from app.errors import problem
-from app.models import JOB_STATUSES, Job
 from app.openapi import responses, text_response
 
 log = logging.getLogger(__name__)
@@ -60,16 +59,11 @@ def _scrape_scope(request: Request, services: ServicesDep) -> str | None:
     responses={200: text_response("Prometheus text format", "text/plain"), **responses(401, 429)},
 )
 def metrics(request: Request, services: ServicesDep) -> Response:
-    """Job counts by status: all tenants with the metrics token, else only the caller's tenant."""
+    """All tenants and process metrics with the metrics token, else only the caller's tenant's jobs."""
+    from app.metrics import exposition
+
     tenant = _scrape_scope(request, services)
-    # A fresh registry per scrape: job counts come from the database, the source of truth.
-    registry = CollectorRegistry()
-    jobs = Gauge("slimforge_jobs", "Jobs by status", ["status"], registry=registry)
-    query = select(Job.status, func.count()).group_by(Job.status)
-    if tenant is not None:
-        query = query.where(Job.tenant_id == tenant)
+    # Job metrics come from the database (the source of truth) at every scrape; see app/metrics.py.
     with services.sessions() as session:
-        counts = dict(session.execute(query).all())
-    for status in JOB_STATUSES:
-        jobs.labels(status=status).set(counts.get(status, 0))
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        body = exposition(session, tenant)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import StoppingCriteria, StoppingCriteriaList
 
-from workers.engine.types import CancelCheck, EngineError, ProgressFn, never_cancel, no_progress
+from workers.engine.types import CancelCheck, EngineError, JobCancelled, ProgressFn, never_cancel, no_progress
 
 
 def read_calibration_file(path: Path) -> list[str]:
@@ -70,6 +76,70 @@ def _adds_bos(tokenizer: Any) -> bool:
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
+# Bump when the sampling recipe changes: cached tokens of an older recipe are then never reused.
+SAMPLING_RECIPE = "topk50-t1.0-v2"
+# Samples generated together in one `generate` call; bounds the KV cache (chunk x seq_len x layers).
+DEFAULT_CHUNK_SIZE = 64
+
+
+class _CancelAndReport(StoppingCriteria):
+    """Stops `generate` at the next token once a cancel is asked for, and reports progress on a clock.
+
+    `generate` calls this after every decoding step, so a cancel never waits for a whole sample.
+    """
+
+    def __init__(
+        self, should_cancel: CancelCheck, report: Callable[[int], None], interval: float, prompt_len: int
+    ) -> None:
+        self.should_cancel = should_cancel
+        self.report = report
+        self.interval = interval
+        self.prompt_len = prompt_len
+        self.cancelled = False
+        self._last = time.monotonic()
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            self.report(input_ids.shape[1] - self.prompt_len)
+        self.cancelled = self.cancelled or self.should_cancel()
+        return torch.full((input_ids.shape[0],), self.cancelled, dtype=torch.bool, device=input_ids.device)
+
+
+def start_prompts(tokenizer: Any, n_samples: int, seed: int) -> torch.Tensor:
+    """One seeded ordinary start token per sample (after BOS when the model has one)."""
+    generator = torch.Generator().manual_seed(seed)
+    special = set(tokenizer.all_special_ids or [])
+    vocab = [i for i in range(min(len(tokenizer), 10_000)) if i not in special]
+    picks = torch.randint(0, len(vocab), (n_samples,), generator=generator)
+    prompt = torch.tensor([[vocab[i]] for i in picks.tolist()], dtype=torch.long)
+    if tokenizer.bos_token_id is not None:
+        prompt = torch.cat([torch.full((n_samples, 1), tokenizer.bos_token_id, dtype=torch.long), prompt], dim=1)
+    return prompt
+
+
+def generation_cache_path(cache_dir: Path, model_key: str, seed: int, n_samples: int, seq_len: int, chunk: int) -> Path:
+    """Where the tokens of one (model, seed, count, length) sampling run are kept."""
+    key = f"{model_key}|{SAMPLING_RECIPE}|chunk={chunk}|seed={seed}|n={n_samples}|len={seq_len}"
+    return cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+
+def _load_cached(path: Path, n_samples: int, seq_len: int) -> torch.Tensor | None:
+    try:
+        tokens = load_file(path)["tokens"]
+    except Exception:  # missing, truncated or foreign file: regenerate (and overwrite it)
+        return None
+    return tokens if tuple(tokens.shape) == (n_samples, seq_len) else None
+
+
+def _store(path: Path, tokens: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file({"tokens": tokens.contiguous()}, tmp)
+    os.replace(tmp, path)  # atomic: a concurrent job reads either nothing or the whole file
+
+
 @torch.no_grad()
 def self_generated_batches(
     model: Any,
@@ -79,36 +149,73 @@ def self_generated_batches(
     seed: int = 0,
     progress: ProgressFn = no_progress,
     should_cancel: CancelCheck = never_cancel,
+    *,
+    cache_dir: Path | None = None,
+    model_key: str | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress_interval: float = 2.0,
 ) -> torch.Tensor:
-    """Sample calibration text from the model itself (no data needed).
+    """Sample calibration text from the model itself (no data needed): [n_samples, seq_len] token ids.
 
-    Each sample starts from a different seeded start token drawn from the vocabulary's ordinary
-    tokens and is completed by top-k sampling; all samples are generated as one batch.
+    Each sample starts from a seeded ordinary token and is completed by top-k sampling. Samples are
+    decoded together in batches of `chunk_size` with the KV cache; a cancel stops decoding at the
+    next token. With `cache_dir` and `model_key`, the tokens of a (model, seed, count, length) run
+    are stored and later jobs reuse them instead of sampling again.
     """
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    special = set(tokenizer.all_special_ids or [])
-    vocab = [i for i in range(min(len(tokenizer), 10_000)) if i not in special]
-    picks = torch.randint(0, len(vocab), (n_samples,), generator=generator)
-    prompt = torch.tensor([[vocab[i]] for i in picks.tolist()], dtype=torch.long, device=device)
-    if tokenizer.bos_token_id is not None:
-        bos = torch.full((n_samples, 1), tokenizer.bos_token_id, dtype=torch.long, device=device)
-        prompt = torch.cat([bos, prompt], dim=1)
     if should_cancel():
-        from workers.engine.types import JobCancelled
-
         raise JobCancelled()
+    cached_path = None
+    if cache_dir is not None and model_key is not None:
+        cached_path = generation_cache_path(cache_dir, model_key, seed, n_samples, seq_len, chunk_size)
+        cached = _load_cached(cached_path, n_samples, seq_len)
+        if cached is not None:
+            progress("calibrating", 1.0, f"reusing {n_samples}x{seq_len} self-generated tokens (cached)")
+            return cached
+    device = next(model.parameters()).device
+    prompts = start_prompts(tokenizer, n_samples, seed)
+    pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    total = n_samples * seq_len
     progress("calibrating", 0.0, f"sampling {n_samples}x{seq_len} tokens from the model")
-    out = model.generate(
-        prompt,
-        attention_mask=torch.ones_like(prompt),
-        do_sample=True,
-        top_k=50,
-        temperature=1.0,
-        max_new_tokens=seq_len,
-        min_new_tokens=seq_len,
-        pad_token_id=tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
-    )
-    progress("calibrating", 1.0, None)
-    return out[:, -seq_len:].cpu()
+    started = time.perf_counter()
+    torch.manual_seed(seed)  # sampling draws from the global generator
+    parts = []
+    for first in range(0, n_samples, chunk_size):
+        prompt = prompts[first : first + chunk_size].to(device)
+        done_before = first * seq_len
+
+        def report(new_tokens: int, rows: int = prompt.shape[0], base: int = done_before) -> None:
+            done = base + rows * new_tokens
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            progress("calibrating", done / total, f"sampled {done}/{total} tokens ({rate:.0f} tokens/s)")
+
+        stop = _CancelAndReport(should_cancel, report, progress_interval, prompt.shape[1])
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=True,
+            top_k=50,
+            temperature=1.0,
+            max_new_tokens=seq_len,
+            min_new_tokens=seq_len,
+            pad_token_id=pad,
+            use_cache=True,
+            stopping_criteria=StoppingCriteriaList([stop]),
+        )
+        if stop.cancelled:
+            raise JobCancelled()
+        parts.append(out[:, -seq_len:].cpu())
+    tokens = torch.cat(parts)
+    if cached_path is not None:
+        _store(cached_path, tokens)
+    progress("calibrating", 1.0, f"sampled {total} tokens in {time.perf_counter() - started:.1f} s")
+    return tokens
+
+
+def split_holdout(tokens: torch.Tensor, n_holdout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration rows, held-out rows): the last `n_holdout` rows are never given to a method."""
+    return tokens[: tokens.shape[0] - n_holdout], tokens[tokens.shape[0] - n_holdout :]
+
+
+def holdout_count(n_samples: int) -> int:
+    """Held-out rows drawn beside `n_samples` calibration rows: a quarter, at least 2, at most 32."""
+    return min(32, max(2, round(n_samples / 4)))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from workers.engine.evaluation.tasks import TASKS
+from workers.engine.evaluation.tasks import TASKS, resolve_task_dir
 from workers.engine.evaluation.texts import BUILTIN_TEXTS
 
 MIN_SEQ_LEN, MAX_SEQ_LEN = 16, 8192
@@ -16,7 +18,16 @@ _DATASET_REF = re.compile(r"^dataset:[A-Za-z0-9_.\-]{1,128}$")
 class EvaluationConfig(BaseModel):
     """What to measure before/after pruning. Every part is optional; defaults are cheap."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"perplexity": ["wikitext2"], "speed": False},
+                {"perplexity": ["wikitext2", "ptb"], "tasks": ["arc_easy", "piqa"], "limit": 200, "speed": True},
+                {"perplexity": ["dataset:ds_0123456789abcdef"], "seq_lens": [128, 512], "speed": False},
+            ]
+        },
+    )
 
     perplexity: list[str] = Field(
         default_factory=list,
@@ -35,7 +46,11 @@ class EvaluationConfig(BaseModel):
         default=500, ge=1, description="Questions per task, a fixed-seed random sample (None = all)."
     )
     seed: int = Field(default=0, description="Seed of the per-task sample.")
-    speed: bool = Field(default=True, description="Measure forward and generation tokens/s.")
+    speed: bool = Field(
+        default=True,
+        description="Measure forward and generation tokens/s (a few seconds per model: about 1 s of forwards "
+        "and a few short greedy generations, before and after pruning).",
+    )
 
     @field_validator("perplexity")
     @classmethod
@@ -68,3 +83,20 @@ class EvaluationConfig(BaseModel):
         if len(set(values)) != len(values):
             raise ValueError("tasks must not repeat")
         return values
+
+
+def catalogue(eval_data_dir: Path | None) -> dict[str, Any]:
+    """What this server can evaluate: perplexity texts and zero-shot tasks, and which have their data."""
+    root = Path(eval_data_dir).expanduser() if eval_data_dir is not None else None
+    task_dir = resolve_task_dir(root) if root is not None else None
+    return {
+        "data_dir_configured": root is not None,
+        "perplexity": [
+            {"name": name, "available": root is not None and (root / path).is_file()}
+            for name, path in BUILTIN_TEXTS.items()
+        ]
+        + [{"name": "dataset:<id>", "available": True, "description": "an uploaded dataset (POST /v1/datasets)"}],
+        "tasks": [{"name": task, "available": task_dir is not None and (task_dir / task).is_dir()} for task in TASKS],
+        "seq_len_range": [MIN_SEQ_LEN, MAX_SEQ_LEN],
+        "schema": EvaluationConfig.model_json_schema(),
+    }

@@ -31,11 +31,21 @@ class LLMPrunerOptions(MethodOptions):
     aggregation: Literal["sum", "max", "prod", "last"] = Field(
         "sum", description="How a group's member scores (q/k/v/o or gate/up/down) are combined."
     )
+    widths: Literal["uniform", "per_layer"] = Field(
+        "uniform",
+        description="uniform (default): prune every block at the same ratio, so the artifact is a plain checkpoint "
+        "that stock from_pretrained and serving engines load; per_layer: the LLM-Pruner paper's protocol (first 4 "
+        "and last 2 blocks kept whole), whose artifact needs from_pretrained(path, trust_remote_code=True).",
+    )
     layer_start: int | None = Field(
-        None, ge=0, description="First pruned block (default 4, fewer for models under 12 blocks)."
+        None,
+        ge=0,
+        description="First pruned block (default: 0 with uniform widths; 4 with per_layer, fewer under 12 blocks).",
     )
     layer_end: int | None = Field(
-        None, description="End (exclusive) of the pruned blocks; negative counts from the end (default: last 2 kept)."
+        None,
+        description="End (exclusive) of the pruned blocks; negative counts from the end (default: all blocks with "
+        "uniform widths; all but the last 2 with per_layer).",
     )
     prune_attention: bool = Field(True, description="Prune attention heads.")
     prune_mlp: bool = Field(True, description="Prune MLP channels.")
@@ -81,7 +91,11 @@ def _require_parameters_basis(basis: SparsityBasis) -> None:
 def _solve(
     geoms: list[BlockGeometry], counts: dict[str, int], target: float, opts: LLMPrunerOptions
 ) -> tuple[WidthPlan, int]:
-    pruned = resolve_layer_range(len(geoms), opts.layer_start, opts.layer_end)
+    start, end = opts.layer_start, opts.layer_end
+    if opts.widths == "uniform":  # every block by default: the widths stay the same in all of them
+        start = 0 if start is None else start
+        end = len(geoms) if end is None else end
+    pruned = resolve_layer_range(len(geoms), start, end)
     if not opts.allow_per_layer_widths and len(pruned) < len(geoms):
         raise EngineError(
             "per_layer_widths_not_allowed",
@@ -128,6 +142,19 @@ def plan_llm_pruner(
         **plan.to_report(geoms),
         "artifact_format": "uniform" if plan.uniform else "per_layer",
         "loading": PLAIN_LOADING if plan.uniform else REMOTE_LOADING,
+        **loading_warnings(plan.uniform),
+    }
+
+
+def loading_warnings(uniform: bool) -> dict[str, Any]:
+    """A per-layer artifact loads only with its own code: say so wherever the user looks."""
+    if uniform:
+        return {}
+    return {
+        "warnings": {
+            "loading": "Blocks have different widths, so stock from_pretrained and serving engines (vLLM, TGI, "
+            f"llama.cpp) cannot load this artifact; load it with {REMOTE_LOADING}, or use widths='uniform'."
+        }
     }
 
 
@@ -226,6 +253,7 @@ def run_llm_pruner(ctx: PruneContext) -> PruneOutcome:
     save_model, fmt, loading = saver_for(model)
     report["artifact_format"] = fmt
     report["loading"] = loading
+    report.update(loading_warnings(fmt == "uniform"))
     return PruneOutcome(model=model, report=report, save_model=save_model)
 
 
@@ -234,7 +262,7 @@ METHOD = register(
         name="llm_pruner",
         kind="width",
         description="LLM-Pruner: gradient (Taylor) importance of coupled attention groups and MLP channels, "
-        "same ratio in every pruned block, optional LoRA recovery.",
+        "same ratio in every pruned block (all blocks by default, a plain checkpoint), optional LoRA recovery.",
         options_model=LLMPrunerOptions,
         run=run_llm_pruner,
         plan=plan_llm_pruner,

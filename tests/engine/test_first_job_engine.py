@@ -1,0 +1,84 @@
+"""Engine side of the first job: self-generated tokens (cache, cancel), loadable width artifacts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from tests.tiny_models import make_tokenizer
+from workers.engine.artifact import write_artifact
+from workers.engine.calibration import self_generated_batches
+from workers.engine.pipeline import plan, prune
+from workers.engine.types import JobCancelled
+
+
+def tiny_with_tokenizer(num_layers: int = 4):
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def test_self_generated_tokens_are_cached_per_model_seed_count_and_length(tmp_path) -> None:
+    model, tokenizer = tiny_with_tokenizer()
+    events = []
+    kwargs = dict(cache_dir=tmp_path, model_key="tiny", chunk_size=3)
+    first = self_generated_batches(model, tokenizer, 5, 12, seed=3, progress=lambda *a: events.append(a), **kwargs)
+    assert first.shape == (5, 12) and events[-1][1] == 1.0
+
+    def no_generate(*args, **kw):
+        raise AssertionError("cached tokens must not be sampled again")
+
+    model.generate = no_generate
+    assert torch.equal(self_generated_batches(model, tokenizer, 5, 12, seed=3, **kwargs), first)
+    with pytest.raises(AssertionError, match="sampled again"):  # another seed is another entry
+        self_generated_batches(model, tokenizer, 5, 12, seed=4, **kwargs)
+
+
+def test_a_cancel_stops_sampling_at_the_next_token() -> None:
+    model, tokenizer = tiny_with_tokenizer()
+    calls = []
+
+    def cancel_after_ten() -> bool:
+        calls.append(1)
+        return len(calls) > 10
+
+    with pytest.raises(JobCancelled):
+        self_generated_batches(model, tokenizer, 4, 400, should_cancel=cancel_after_ten)
+    assert len(calls) == 11  # one check before sampling, then one per decoded token until the cancel
+
+
+def test_default_llm_pruner_artifact_loads_with_stock_transformers(tmp_path) -> None:
+    model, tokenizer = tiny_with_tokenizer()
+    ids = torch.randint(3, len(tokenizer), (4, 24), generator=torch.Generator().manual_seed(0))
+    outcome = prune(model, ids, method="llm_pruner", target_sparsity=0.2, sparsity_basis="parameters")
+    report = outcome.report
+    assert report["artifact_format"] == "uniform" and report["pruned_layers"] == [0, 1, 2, 3]
+    assert "warnings" not in report
+    write_artifact(outcome, tokenizer, tmp_path, model_id="tiny", dtype=torch.float32)
+    assert not list(tmp_path.glob("modeling_*.py"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # no trust_remote_code
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, outcome.model(ids).logits, atol=1e-5)
+
+
+def test_per_layer_protocol_carries_a_loading_warning() -> None:
+    model, _ = tiny_with_tokenizer(num_layers=12)
+    options = {"widths": "per_layer"}
+    dry = plan(model.config, method="llm_pruner", target_sparsity=0.1, sparsity_basis="parameters", options=options)
+    assert dry["artifact_format"] == "per_layer" and "trust_remote_code=True" in dry["warnings"]["loading"]
+    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    outcome = prune(model, ids, method="llm_pruner", target_sparsity=0.1, sparsity_basis="parameters", options=options)
+    assert outcome.report["pruned_layers"] == list(range(4, 10))
+    assert "trust_remote_code=True" in outcome.report["warnings"]["loading"]
