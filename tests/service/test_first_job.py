@@ -75,7 +75,8 @@ def test_progress_only_moves_forward_and_every_result_has_heldout_quality(api: A
     result = api.get(f"/v1/jobs/{job_id}").json()["result"]
     assert result["heldout"]["source"] == "dataset" and result["heldout"]["pruned"]["loss"] > 0
 
-    metrics = api.client.get("/metrics").text
+    api.settings.metrics_token = "operator-scrape-token"  # the operator's view: every tenant, workers, HTTP
+    metrics = api.client.get("/metrics", headers={"Authorization": "Bearer operator-scrape-token"}).text
     assert 'slimforge_job_duration_seconds_count{method="gradmap",status="succeeded"} 1.0' in metrics
     assert 'slimforge_job_stage_seconds_count{method="gradmap",stage="calibrating"} 1.0' in metrics
     assert 'slimforge_job_queue_wait_seconds_count{method="last_k"} 1.0' in metrics
