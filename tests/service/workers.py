@@ -20,7 +20,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         if value is None:
             continue
         if isinstance(value, list):
-            value = ":".join(str(v) for v in value)
+            # Paths are colon-separated; hub ids and networks (which contain ':') comma-separated.
+            value = (":" if name == "allowed_model_roots" else ",").join(str(v) for v in value)
         env[f"SLIMFORGE_{name.upper()}"] = str(value)
     return env
 
