@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.db import session_scope
 from app.errors import ApiError
 from app.models import DEFAULT_TENANT, ApiKey, Tenant
+from app.tenants import validate_tenant_id
 
 KEY_PREFIX = "sf_"
 KEY_CACHE_TTL_SECONDS = 10.0
@@ -45,6 +46,7 @@ def public_id(key: str) -> str:
 
 
 def ensure_tenant(session: Session, tenant_id: str) -> None:
+    validate_tenant_id(tenant_id)  # tenant names become directory names
     if session.get(Tenant, tenant_id) is None:
         session.add(Tenant(id=tenant_id))
         session.flush()

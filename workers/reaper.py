@@ -66,7 +66,7 @@ def reap_once(sessions: sessionmaker[Session], settings: Settings, enqueue: Call
                 else:
                     ended.append(job.id)
     for job_id in ended:
-        notify_terminal(sessions, job_id, settings.webhook_secret)
+        notify_terminal(sessions, job_id, settings.webhook_secret, allowed_networks=settings.webhook_allowed_networks)
     for job_id in requeued:  # enqueue only after the commit above
         try:
             enqueue(job_id)

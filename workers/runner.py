@@ -108,7 +108,7 @@ def run_job(job_id: str, settings: Settings, sessions: sessionmaker[Session]) ->
     finally:
         shutdown.IDLE.set()
     if status not in (None, HANDED_BACK):
-        notify_terminal(sessions, job_id, settings.webhook_secret)
+        notify_terminal(sessions, job_id, settings.webhook_secret, allowed_networks=settings.webhook_allowed_networks)
     return status
 
 
