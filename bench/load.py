@@ -56,7 +56,7 @@ def hey(url: str, seconds: int, concurrency: int, qps: float | None = None, key:
         args += ["-q", str(qps)]
     out = subprocess.run([*args, url], capture_output=True, text=True, timeout=seconds + 60).stdout
     result: dict[str, Any] = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
-    for pct, secs in re.findall(r"(\d+)%% in ([\d.]+) secs".replace("%%", "%"), out):
+    for pct, secs in re.findall(r"^\s+(\d+)% in ([\d.]+) secs", out, re.M):
         result[f"p{pct}_ms"] = round(float(secs) * 1000, 1)
     result["status"] = {code: int(n) for code, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", out)}
     errors = out.split("Error distribution:")[1].strip().splitlines() if "Error distribution:" in out else []
@@ -68,8 +68,8 @@ def hey(url: str, seconds: int, concurrency: int, qps: float | None = None, key:
 class Stack:
     """The servers of one mode, started in a temp dir and stopped at the end."""
 
-    def __init__(self, mode: str, workdir: Path) -> None:
-        self.mode, self.workdir = mode, workdir
+    def __init__(self, mode: str, workdir: Path, baseline: Path | None = None) -> None:
+        self.mode, self.workdir, self.baseline = mode, workdir, baseline
         self.port = 18000 + os.getpid() % 1000
         self.base = f"http://127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -87,6 +87,8 @@ class Stack:
             SLIMFORGE_RATE_LIMIT_PER_KEY="0",
             OMP_NUM_THREADS="1",
         )
+        if baseline:  # an older checkout's code, run by this environment's interpreter
+            self.env["PYTHONPATH"] = str(baseline)
         if mode == "production":
             import psycopg
 
@@ -106,12 +108,12 @@ class Stack:
         return proc
 
     def start(self) -> Stack:
+        serve = ["serve", "--port", str(self.port)]
         if self.mode == "production":
             subprocess.run([slimforge(), "migrate"], env=self.env, check=True, capture_output=True)
             self._spawn("worker", log="worker.log")
-            serve = ["serve", "--port", str(self.port), "--workers", "2", "--no-access-log"]
-        else:
-            serve = ["serve", "--port", str(self.port), "--no-access-log"]
+            serve += [] if self.baseline else ["--workers", "2"]
+        serve += ["--log-level", "warning"] if self.baseline else ["--no-access-log"]
         self._spawn(*serve, log="serve.log")
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -162,47 +164,59 @@ def job_body(model: str, seq_len: int = 16) -> dict[str, Any]:
 
 
 def submit(client: httpx.Client, body: dict[str, Any]) -> httpx.Response:
-    return client.post("/v1/jobs", json=body)
+    try:
+        return client.post("/v1/jobs", json=body)
+    except httpx.HTTPError as exc:  # a frozen server (the baseline): counted as a lost submission
+        return httpx.Response(599, text=str(exc))
 
 
 def wait_terminal(client: httpx.Client, job_ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
     deadline = time.monotonic() + timeout
     jobs: dict[str, dict[str, Any]] = {}
     while time.monotonic() < deadline:
-        jobs = {i: client.get(f"/v1/jobs/{i}").json() for i in job_ids}
+        try:
+            jobs = {i: client.get(f"/v1/jobs/{i}").json() for i in job_ids}
+        except httpx.HTTPError:
+            time.sleep(1.0)
+            continue
         if all(j["status"] in ("succeeded", "failed", "cancelled") for j in jobs.values()):
             return jobs
         time.sleep(1.0)
     return jobs
 
 
+def running_events(client: httpx.Client, job_id: str) -> int:
+    events = client.get(f"/v1/jobs/{job_id}/events").json()
+    return sum(1 for e in events if e["kind"] == "status" and e["data"]["status"] == "running")
+
+
 async def hold_streams(base: str, paths: list[tuple[str, str]], ready: threading.Event, stop: threading.Event) -> int:
-    """Open one raw SSE connection per (path, key); count those that got a 200; hold until `stop`."""
+    """Open one raw SSE connection per (path, key), all at once; count those answered 200; hold until `stop`."""
     host, port = base.removeprefix("http://").split(":")
-    writers = []
-    opened = 0
-    for path, key in paths:
+
+    async def open_one(path: str, key: str) -> asyncio.StreamWriter | None:
         try:
-            reader, writer = await asyncio.open_connection(host, int(port))
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout=30)
             writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n\r\n".encode())
             await writer.drain()
             status = await asyncio.wait_for(reader.readline(), timeout=30)
-            opened += b" 200 " in status
-            writers.append(writer)
+            return writer if b" 200 " in status else None
         except (OSError, TimeoutError):
-            continue
+            return None
+
+    writers = [w for w in await asyncio.gather(*(open_one(p, k) for p, k in paths)) if w is not None]
     ready.set()
     while not stop.is_set():
         await asyncio.sleep(0.2)
     for writer in writers:
         writer.close()
-    return opened
+    return len(writers)
 
 
-def run(mode: str, seconds: int) -> dict[str, Any]:
+def run(mode: str, seconds: int, baseline: Path | None = None) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix=f"slimforge-load-{mode}-"))
-    stack = Stack(mode, workdir).start()
-    results: dict[str, Any] = {"mode": mode, "seconds_per_scenario": seconds}
+    stack = Stack(mode, workdir, baseline).start()
+    results: dict[str, Any] = {"mode": mode, "seconds_per_scenario": seconds, "baseline": str(baseline or "")}
     try:
         client = httpx.Client(base_url=stack.base, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
         target = submit(client, job_body(stack.model)).json()["id"]
@@ -234,20 +248,13 @@ def run(mode: str, seconds: int) -> dict[str, Any]:
         results["polling_with_submissions"] = hey(job_url, seconds, 200, qps=1)
         submitter.join()
         ids = [r.json()["id"] for r in accepted if r.status_code == 202]
-        done = wait_terminal(client, ids, 600)
-        runs = {
-            i: sum(
-                1
-                for e in client.get(f"/v1/jobs/{i}/events").json()
-                if e["kind"] == "status" and e["data"]["status"] == "running"
-            )
-            for i in ids
-        }
+        done = wait_terminal(client, ids, 300)
+        runs = {i: running_events(client, i) for i in ids}
         results["submissions"] = {
             "sent": 20,
             "accepted": len(ids),
             "codes": sorted({r.status_code for r in accepted}),
-            "succeeded": sum(j["status"] == "succeeded" for j in done.values()),
+            "succeeded": sum(j.get("status") == "succeeded" for j in done.values()),
             "ran_exactly_once": sum(n == 1 for n in runs.values()),
         }
 
@@ -320,11 +327,14 @@ def main() -> int:
     parser.add_argument("--mode", choices=["embedded", "production"], required=True)
     parser.add_argument("--seconds", type=int, default=20, help="duration of each load scenario")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="checkout of an older commit to measure instead (before/after)"
+    )
     args = parser.parse_args()
     if shutil.which("hey") is None:
         print("hey is not installed: apt-get install hey (scripts/system-deps.sh)", file=sys.stderr)
         return 2
-    results = run(args.mode, args.seconds)
+    results = run(args.mode, args.seconds, args.baseline)
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:
