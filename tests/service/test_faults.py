@@ -160,6 +160,7 @@ def test_sigterm_of_the_embedded_server_hands_the_job_back_and_a_restart_finishe
         SLIMFORGE_ALLOWED_MODEL_ROOTS=str(model_root),
         SLIMFORGE_HEARTBEAT_SECONDS="0.5",
         SLIMFORGE_SHUTDOWN_GRACE_SECONDS=str(GRACE),
+        OMP_NUM_THREADS="1",
     )
     port = free_port()
     base = f"http://127.0.0.1:{port}"

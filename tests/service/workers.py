@@ -16,6 +16,8 @@ from app.settings import Settings
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes a child process use exactly these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMFORGE_")}
+    # Tiny-model workers beside pytest and other servers: one thread avoids OpenMP spinning on 2 cores.
+    env.setdefault("OMP_NUM_THREADS", "1")
     for name, value in settings.model_dump().items():
         if value is None:
             continue
