@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import MODEL_CACHE
-from tests.service.workers import Process
+from tests.service.workers import Process, serve_env
 
 KEY = "sf_e2e_key"
 
@@ -29,16 +29,12 @@ def free_port() -> int:
 @pytest.fixture
 def served(tmp_path: Path, model_root: Path) -> Iterator[httpx.Client]:
     """A `slimforge serve` subprocess with nothing configured but its data dir, key and model root."""
-    import os
 
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     MODEL_CACHE.mkdir(parents=True, exist_ok=True)
     (data_dir / "models").symlink_to(MODEL_CACHE)  # reuse the dequantised built-in models
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMFORGE_")}
-    env.update(
-        SLIMFORGE_DATA_DIR=str(data_dir), SLIMFORGE_BOOTSTRAP_KEY=KEY, SLIMFORGE_ALLOWED_MODEL_ROOTS=str(model_root)
-    )
+    env = serve_env(data_dir, KEY, model_root)
     port = free_port()
     server = Process(["serve", "--port", str(port)], env, tmp_path / "serve.log")
     try:

@@ -7,7 +7,6 @@ Redis and PostgreSQL here are private servers (tests/service/servers.py), never 
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
@@ -25,7 +24,7 @@ from app.settings import Settings
 from tests.service.conftest import KEY_A, Api, fresh_pg_database, make_settings, prepare_store, tiny_job
 from tests.service.servers import PostgresCluster, RedisServer, free_port
 from tests.service.test_celery_workers import TERMINAL, start_worker, wait_terminal
-from tests.service.workers import Process
+from tests.service.workers import Process, serve_env
 
 # Long enough to be interrupted: sampling one 1,500-token calibration sequence on the tiny model.
 SLOW = {"calibration": {"source": "self_generated", "n_samples": 1, "seq_len": 1500}}
@@ -153,11 +152,10 @@ def test_sigterm_of_the_embedded_server_hands_the_job_back_and_a_restart_finishe
     tmp_path: Path, model_root: Path
 ) -> None:
     data_dir = tmp_path / "data"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMFORGE_")}
-    env.update(
-        SLIMFORGE_DATA_DIR=str(data_dir),
-        SLIMFORGE_BOOTSTRAP_KEY=KEY_A,
-        SLIMFORGE_ALLOWED_MODEL_ROOTS=str(model_root),
+    env = serve_env(
+        data_dir,
+        KEY_A,
+        model_root,
         SLIMFORGE_HEARTBEAT_SECONDS="0.5",
         SLIMFORGE_SHUTDOWN_GRACE_SECONDS=str(GRACE),
         OMP_NUM_THREADS="1",

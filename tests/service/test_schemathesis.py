@@ -4,7 +4,6 @@ type a route answers is declared in its OpenAPI document. Bounded to about two m
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -12,7 +11,7 @@ import sys
 from pathlib import Path
 
 from tests.service.test_e2e_serve import free_port
-from tests.service.workers import Process
+from tests.service.workers import Process, serve_env
 
 KEY = "sf_schemathesis_key"
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
@@ -26,11 +25,10 @@ def schemathesis_executable() -> str | None:
 def test_fuzzed_requests_never_get_a_5xx_and_match_the_openapi_document(tmp_path: Path, model_root: Path) -> None:
     runner = schemathesis_executable()
     assert runner is not None, "schemathesis is a dev dependency: pip install -e '.[dev]'"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMFORGE_")}
-    env.update(
-        SLIMFORGE_DATA_DIR=str(tmp_path / "data"),
-        SLIMFORGE_BOOTSTRAP_KEY=KEY,
-        SLIMFORGE_ALLOWED_MODEL_ROOTS=str(model_root),
+    env = serve_env(
+        tmp_path / "data",
+        KEY,
+        model_root,
         # One address and one key send everything: the limiter would only shrink the coverage.
         SLIMFORGE_RATE_LIMIT_PER_ADDRESS="0",
         SLIMFORGE_RATE_LIMIT_PER_KEY="0",

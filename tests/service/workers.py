@@ -28,6 +28,16 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def serve_env(data_dir: Path, key: str, model_root: Path, **extra: str) -> dict[str, str]:
+    """The environment of an embedded `slimforge serve`: only a data dir, a key and a model root set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMFORGE_")}
+    env.update(
+        SLIMFORGE_DATA_DIR=str(data_dir), SLIMFORGE_BOOTSTRAP_KEY=key, SLIMFORGE_ALLOWED_MODEL_ROOTS=str(model_root)
+    )
+    env.update(extra)
+    return env
+
+
 def slimforge_executable() -> str:
     """The `slimforge` script of the running interpreter's environment (PATH may not include it)."""
     beside = Path(sys.executable).parent / "slimforge"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ import httpx
 import pytest
 
 from tests.service.test_e2e_serve import free_port
-from tests.service.workers import Process, slimforge_executable
+from tests.service.workers import Process, serve_env, slimforge_executable
 from tests.tiny_models import make_tiny_llama_dir
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -36,13 +35,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """`slimforge serve` on a fresh data dir; tenant A has the bootstrap key, tenant B one from create-key."""
     root = tmp_path_factory.mktemp("ui")
     model = make_tiny_llama_dir(root / "models" / "tiny-llama", num_layers=8)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMFORGE_")}
-    env.update(
-        SLIMFORGE_DATA_DIR=str(root / "data"),
-        SLIMFORGE_BOOTSTRAP_KEY=KEY_A,
-        SLIMFORGE_ALLOWED_MODEL_ROOTS=str(root / "models"),
-        OMP_NUM_THREADS="1",
-    )
+    env = serve_env(root / "data", KEY_A, root / "models", OMP_NUM_THREADS="1")
     port = free_port()
     server = Process(["serve", "--port", str(port)], env, root / "serve.log")
     try:
