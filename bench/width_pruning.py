@@ -185,7 +185,8 @@ def main() -> None:
     run.add_argument("--model", default="builtin:smollm2-135m")
     run.add_argument("--out", required=True)
     run.add_argument("--target", type=float, default=0.2)
-    run.add_argument("--options", default="{}", help="extra llm_pruner options as JSON")
+    # The tables in docs/benchmarks/width-pruning.md use the paper's layer range (per-layer widths).
+    run.add_argument("--options", default='{"widths": "per_layer"}', help="extra llm_pruner options as JSON")
     run.add_argument("--importance", default="element1,element2,vector,l2,random")
     run.add_argument("--lora-for", default="element1,l2", help="importances also run with LoRA recovery")
     run.add_argument("--calib-samples", type=int, default=10)

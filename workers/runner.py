@@ -31,7 +31,7 @@ from workers.engine.calibration import (
     read_calibration_file,
     self_generated_batches,
     split_holdout,
-    token_batches,
+    token_batches_with_holdout,
 )
 from workers.engine.device import pick_device, pick_dtype
 from workers.engine.heldout import WriterSnapshot, heldout_quality
@@ -194,8 +194,8 @@ def _execute(
         raise JobCancelled()
 
     with timer("calibrating"):
-        calibration, heldout_ids = _calibration(spec, tenant_id, settings, model, tokenizer, state)
-    heldout = HeldOut(spec["calibration"], heldout_ids, state.should_cancel)
+        calibration, heldout_ids, disjoint = _calibration(spec, tenant_id, settings, model, tokenizer, state)
+    heldout = HeldOut(spec["calibration"], heldout_ids, state.should_cancel, disjoint)
     with timer("heldout"):
         heldout.measure("dense", model)
     evaluation = spec.get("evaluation")
@@ -255,8 +255,9 @@ def _execute(
 class HeldOut:
     """Held-out calibration rows and the quality measured on them at each point of the job."""
 
-    def __init__(self, cal: dict[str, Any], ids: torch.Tensor, should_cancel: Any) -> None:
+    def __init__(self, cal: dict[str, Any], ids: torch.Tensor, should_cancel: Any, disjoint: bool) -> None:
         self.cal = cal
+        self.disjoint = disjoint
         self.ids = ids
         self.should_cancel = should_cancel
         self.points: dict[str, dict[str, Any]] = {}
@@ -269,6 +270,9 @@ class HeldOut:
             "source": self.cal["source"],
             "samples": int(self.ids.shape[0]),
             "seq_len": int(self.ids.shape[1]),
+            # Self-generated rows are separate samples; dataset rows share no token with calibration
+            # unless the upload is too short for that (then `disjoint` is false: read it with care).
+            "disjoint": self.disjoint,
             "note": "rows drawn beside the calibration batch, never given to the method",
             **self.points,
         }
@@ -302,33 +306,35 @@ def _dataset(dataset_id: str, tenant_id: str, settings: Settings, sessions: sess
 
 def _calibration(
     spec: dict[str, Any], tenant_id: str, settings: Settings, model: Any, tokenizer: Any, state: JobState
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(calibration batch, held-out rows): both drawn together, the held-out ones never reach the method.
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(calibration batch, held-out rows, disjoint): the held-out rows never reach the method.
 
     Self-generated tokens are cached per (model, seed, count, length) in the data directory.
     """
     cal, seed, model_id = spec["calibration"], spec.get("seed", 0), spec["model"]
     n_heldout = holdout_count(cal["n_samples"])
-    n_total = cal["n_samples"] + n_heldout
     state.progress("calibrating", 0.0, f"building {cal['n_samples']}x{cal['seq_len']} calibration tokens")
     if cal["source"] == "dataset":
         dataset = _dataset(cal["dataset_id"], tenant_id, settings, state.sessions)
         texts = read_calibration_file(settings.data_dir / dataset.path)
-        batch = token_batches(tokenizer, texts, n_total, cal["seq_len"], seed=seed)
-    else:
-        batch = self_generated_batches(
-            model,
-            tokenizer,
-            n_total,
-            cal["seq_len"],
-            seed=seed,
-            progress=state.progress,
-            should_cancel=state.should_cancel,
-            cache_dir=settings.data_dir / "calibration-cache",
-            model_key=dense_model_key(model_id, settings, model),
+        calibration, heldout, disjoint = token_batches_with_holdout(
+            tokenizer, texts, cal["n_samples"], n_heldout, cal["seq_len"], seed=seed
         )
+        state.progress("calibrating", 1.0)
+        return calibration, heldout, disjoint
+    batch = self_generated_batches(
+        model,
+        tokenizer,
+        n_heldout + cal["n_samples"],
+        cal["seq_len"],
+        seed=seed,
+        progress=state.progress,
+        should_cancel=state.should_cancel,
+        cache_dir=settings.data_dir / "calibration-cache",
+        model_key=dense_model_key(model_id, settings, model),
+    )
     state.progress("calibrating", 1.0)
-    return split_holdout(batch, n_heldout)
+    return (*split_holdout(batch, n_heldout), True)
 
 
 def tensor_sha256(tokens: torch.Tensor) -> str:

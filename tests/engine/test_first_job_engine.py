@@ -82,3 +82,19 @@ def test_per_layer_protocol_carries_a_loading_warning() -> None:
     outcome = prune(model, ids, method="llm_pruner", target_sparsity=0.1, sparsity_basis="parameters", options=options)
     assert outcome.report["pruned_layers"] == list(range(4, 10))
     assert "trust_remote_code=True" in outcome.report["warnings"]["loading"]
+
+
+def test_dataset_holdout_shares_no_token_window_with_calibration() -> None:
+    from workers.engine.calibration import token_batches, token_batches_with_holdout
+
+    tokenizer = make_tokenizer()
+    text = " ".join(f"word{i}" for i in range(3000))
+    calibration, heldout, disjoint = token_batches_with_holdout(tokenizer, [text], 4, 2, 32, seed=5)
+    assert disjoint and torch.equal(calibration, token_batches(tokenizer, [text], 4, 32, seed=5))
+    # Too few aligned windows for 6 rows (100..180 tokens): the held-out rows come from the tail.
+    short = next(text[:n] for n in range(100, 3000, 20) if len(tokenizer(text[:n])["input_ids"]) >= 100)
+    n_tokens = len(tokenizer(short, add_special_tokens=False)["input_ids"])
+    calibration, heldout, disjoint = token_batches_with_holdout(tokenizer, [short], 4, 2, 32, seed=5)
+    assert disjoint and n_tokens // 32 < 6 and heldout.shape == (2, 32)
+    rows = {tuple(r) for r in calibration.tolist()}
+    assert not rows & {tuple(r) for r in heldout.tolist()}

@@ -121,6 +121,9 @@ def test_artifact_dtype_bfloat16_halves_the_weights(api: Api, model_root: Path) 
         with safe_open(str(path / "model.safetensors"), "pt") as weights:
             assert str(weights.get_tensor(next(iter(weights.keys()))).dtype) == f"torch.{dtype}"
         assert json.loads((path / "config.json").read_text())["dtype"] == dtype
+        card = (path / "README.md").read_text()
+        assert "Held-out calibration loss" in card and f"Weights: {dtype}" in card
+        assert json.loads((path / "slimforge_report.json").read_text())["heldout"]["dense"]["loss"] > 0
     assert abs(sizes["bfloat16"] / sizes["float32"] - 0.5) < 0.01, sizes
     assert_problem(api.post("/v1/jobs", json=tiny_job(model_root, artifact_dtype="int8")), 422, "validation_error")
 

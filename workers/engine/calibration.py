@@ -42,6 +42,34 @@ def token_batches(tokenizer: Any, texts: list[str], n_samples: int, seq_len: int
     Windows start at seeded random offsets (non-overlapping where the stream is long enough), so
     the same data, seed and sizes always give the same batch.
     """
+    stream = _token_stream(tokenizer, texts, seq_len)
+    return _draw(stream, n_samples, seq_len, _bos(tokenizer), torch.Generator().manual_seed(seed))
+
+
+def token_batches_with_holdout(
+    tokenizer: Any, texts: list[str], n_samples: int, n_holdout: int, seq_len: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(calibration windows, held-out windows, whether the two share no token).
+
+    With enough text all windows are disjoint (the calibration rows are then exactly
+    `token_batches`'s); short text keeps its last fifth for the held-out rows; text too short even
+    for that draws both from the whole stream, and says so.
+    """
+    stream = _token_stream(tokenizer, texts, seq_len)
+    bos = _bos(tokenizer)
+    text_len = seq_len - 1 if bos is not None else seq_len
+    generator = torch.Generator().manual_seed(seed)
+    if stream.numel() // text_len >= n_samples + n_holdout:
+        both = _draw(stream, n_samples + n_holdout, seq_len, bos, generator)
+        return both[:n_samples], both[n_samples:], True
+    cut = stream.numel() - max(text_len, stream.numel() // 5)
+    if cut >= text_len:
+        calibration = _draw(stream[:cut], n_samples, seq_len, bos, generator)
+        return calibration, _draw(stream[cut:], n_holdout, seq_len, bos, generator), True
+    return _draw(stream, n_samples, seq_len, bos, generator), _draw(stream, n_holdout, seq_len, bos, generator), False
+
+
+def _token_stream(tokenizer: Any, texts: list[str], seq_len: int) -> torch.Tensor:
     ids: list[int] = []
     eos = tokenizer.eos_token_id
     for text in texts:
@@ -54,11 +82,18 @@ def token_batches(tokenizer: Any, texts: list[str], n_samples: int, seq_len: int
             "calibration_too_small",
             f"Calibration data has {stream.numel()} tokens; at least seq_len={seq_len} are needed.",
         )
+    return stream
+
+
+def _bos(tokenizer: Any) -> int | None:
     # Tokenizers that start every text with BOS (Gemma) get BOS at the start of every window too:
     # such models behave badly on text without it.
-    bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
+    return tokenizer.bos_token_id if _adds_bos(tokenizer) else None
+
+
+def _draw(stream: torch.Tensor, n_samples: int, seq_len: int, bos: int | None, generator: torch.Generator):
+    """`n_samples` windows of `stream`: non-overlapping aligned ones when there are enough."""
     text_len = seq_len - 1 if bos is not None else seq_len
-    generator = torch.Generator().manual_seed(seed)
     n_windows = stream.numel() // text_len
     if n_windows >= n_samples:
         # Non-overlapping windows, chosen at random among all aligned windows.
