@@ -9,6 +9,7 @@ PACKAGES=(
   "wrk:wrk"
   "hey:hey"
   "chromium:chromium"
+  "docker-compose:docker-compose"
 )
 missing=()
 for entry in "${PACKAGES[@]}"; do
