@@ -229,3 +229,33 @@ def test_compensation_data_is_its_own_budget(tiny_llama):
     fallback = prune(copy.deepcopy(tiny_llama), calibration, method="last_k", target_sparsity=0.25, options=options)
     assert fallback.report["compensation"]["source"] == "calibration"
     assert fallback.report["compensation"]["compensation_tokens"] == calibration.numel()
+
+
+def test_incremental_refit_equals_full_refit_upstream_of_the_new_cut():
+    """After a second cut, refitting only its neighbours gives the projections a full refit gives
+    for every layer up to the cut's far side (downstream ones keep their earlier fit by design)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from workers.engine.methods.gradmap import cut_neighbours
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    ids = _ids(8)
+    accept_all = CompensationConfig(min_improvement=-1.0)
+    originals = OriginalWeights.of_model(model)
+    compensate(model, [0, 1, 2, 4, 5], ids, accept_all, originals=originals)  # first cut: layer 3
+    neighbours = cut_neighbours(6, [3, 1], 1)
+    assert neighbours == [0, 2]
+    originals.restore([find_writer(model.model.layers[i])[0] for i in neighbours])
+    keep = [0, 2, 4, 5]
+    incremental = compensate(model, keep, ids, accept_all, only_layers=neighbours, originals=originals)
+    assert incremental["tried_layers"] == [0, 2] and incremental["layers"] == [0, 2]
+    weights_inc = {i: find_writer(model.model.layers[i])[0].weight.detach().clone() for i in range(6)}
+    originals.restore()
+    full = compensate(model, keep, ids, accept_all, originals=originals)
+    assert full["tried_layers"] == [0, 2, 4]
+    for layer in (0, 2):
+        assert torch.allclose(find_writer(model.model.layers[layer])[0].weight, weights_inc[layer], atol=1e-6)
+    assert not torch.allclose(find_writer(model.model.layers[4])[0].weight, weights_inc[4], atol=1e-6)

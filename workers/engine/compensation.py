@@ -27,7 +27,7 @@ no weights are copied.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -128,18 +128,38 @@ def measure_shift(
     return rows
 
 
+Shifts = list[dict[str, Any]] | Callable[[], list[dict[str, Any]]]
+
+
 def choose_placements(
-    keep: Sequence[int], n_layers: int, shifts: list[dict[str, Any]], placement: Placement, max_projections: int
+    keep: Sequence[int], n_layers: int, shifts: Shifts, placement: Placement, max_projections: int
 ) -> list[int]:
-    """Kept-layer positions (in the pruned numbering) that receive a projection, in forward order."""
+    """Kept-layer positions (in the pruned numbering) that receive a projection, in forward order.
+
+    `shifts` may be a function: the drift is then measured only when the placement needs it (the
+    max_* placements, or more removed blocks than `max_projections`), which in-loop compensation
+    relies on to stay cheap.
+    """
     keep = sorted(keep)
     removed = sorted(set(range(n_layers)) - set(keep))
     if not removed:
         return []
+    if callable(shifts):
+        measure = shifts
+        cache: list[list[dict[str, Any]]] = []
+
+        def get_shifts() -> list[dict[str, Any]]:
+            if not cache:
+                cache.append(measure())
+            return cache[0]
+    else:
+        def get_shifts(known: list[dict[str, Any]] = shifts) -> list[dict[str, Any]]:
+            return known
+
     if placement in ("max_relative_shift", "max_shift"):
         key = "shift" if placement == "max_relative_shift" else "abs_shift"
         # Only layers at or after the first cut can have drifted.
-        candidates = [row for row in shifts if row["layer"] > removed[0]]
+        candidates = [row for row in get_shifts() if row["layer"] > removed[0]]
         ranked = sorted(candidates, key=lambda row: -row[key])[:max_projections]
         return sorted(row["position"] for row in ranked)
     # Removed blocks = maximal runs of consecutive removed indices.
@@ -162,7 +182,8 @@ def choose_placements(
         positions.extend(p for p in chosen if p not in positions)
     if len(positions) > max_projections:
         # Keep the cuts that introduce the largest relative shift.
-        by_shift = sorted(positions, key=lambda p: -shifts[p]["shift"])[:max_projections]
+        measured = get_shifts()
+        by_shift = sorted(positions, key=lambda p: -measured[p]["shift"])[:max_projections]
         positions = sorted(by_shift)
     return sorted(positions)
 
@@ -378,6 +399,20 @@ class OriginalWeights:
             (w, w.weight.detach().clone(), None if w.bias is None else w.bias.detach().clone()) for w in writers
         ]
 
+    @classmethod
+    def of_model(cls, model: nn.Module) -> OriginalWeights:
+        """Every block's residual writer (blocks without a known writer are never merged into)."""
+        return cls([found[0] for block in find_layers(model).layers if (found := find_writer(block))])
+
+    @torch.no_grad()
+    def restore(self, writers: Collection[nn.Linear] | None = None) -> None:
+        """Copy the original values back into `writers` (default: all) -- undoes their merges."""
+        for writer, weight, bias in self._saved:
+            if writers is None or any(writer is w for w in writers):
+                writer.weight.copy_(weight)
+                if bias is not None:
+                    writer.bias.copy_(bias)
+
     @contextmanager
     def active(self) -> Iterator[None]:
         current = [(w, w.weight.data, None if w.bias is None else w.bias.data) for w, _, _ in self._saved]
@@ -514,10 +549,15 @@ def compensate(
     shifts: list[dict[str, Any]] | None = None,
     progress: Callable[[float, str], None] = lambda f, m: None,
     check_cancel: Callable[[], None] = lambda: None,
+    only_layers: Collection[int] | None = None,
+    originals: OriginalWeights | None = None,
 ) -> dict[str, Any]:
     """Fit and merge projection(s) into the kept layers of `model` (which still has all layers).
 
     Returns the JSON-serialisable compensation report; on rejection the weights are restored.
+    Incremental use (in-loop compensation): `only_layers` limits the fit to those kept layers
+    (original indices), leaving projections merged earlier elsewhere in place, and `originals`
+    must then hold the unmerged writers of every block (the original model's targets).
     """
     started = time.perf_counter()
     keep = sorted(keep)
@@ -525,9 +565,12 @@ def compensate(
     n = ids.shape[0]
     n_heldout = min(n - 1, max(1, round(config.heldout_fraction * n))) if n >= 2 else 0
     fit_ids, heldout_ids = ids[: n - n_heldout], ids[n - n_heldout :]
-    if shifts is None:
-        shifts = measure_shift(model, keep, ids, config.micro_batch_size, check_cancel)
-    positions = choose_placements(keep, n_layers, shifts, config.placement, config.max_projections)
+    measured: Shifts = shifts if shifts is not None else (
+        lambda: measure_shift(model, keep, ids, config.micro_batch_size, check_cancel)
+    )
+    positions = choose_placements(keep, n_layers, measured, config.placement, config.max_projections)
+    if only_layers is not None:
+        positions = [p for p in positions if keep[p] in set(only_layers)]
     report: dict[str, Any] = {
         "enabled": True,
         "placement": config.placement,
@@ -558,7 +601,8 @@ def compensate(
     loss_before = pruned_loss(judge_ids)
     current = loss_before
     targets = {position: target_index(keep, position, n_layers) for position in usable}
-    originals = OriginalWeights([find_writer(layers[keep[p]])[0] for p in usable])
+    if originals is None:
+        originals = OriginalWeights([find_writer(layers[keep[p]])[0] for p in usable])
     keep_rows = config.max_tokens if config.refine_steps > 0 else 0
 
     def stream(position: int, batch_ids: torch.Tensor) -> Capture:
