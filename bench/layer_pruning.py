@@ -130,7 +130,7 @@ def run(args) -> None:
     n_layers = load(checkpoint).config.num_hidden_layers
     results["n_layers"] = n_layers
 
-    if "dense" not in evals:
+    if "dense" not in evals and not args.skip_dense:
         print("evaluating dense model", flush=True)
         evals["dense"] = evaluate(load(checkpoint), tokenizer, data, args)
         save(out_path, results)
@@ -201,10 +201,11 @@ def run(args) -> None:
     # Priority order, so a run cut short still answers the main questions: every method at the
     # first ratio, then the other ratios, then extra variants.
     def main_rows(ratio: float) -> None:
-        for selector in args.methods:
-            evaluate_removal(selector, ratio, None)
+        for selector in args.methods:  # compensated rows first: they decide the ranking
             if selector in COMPENSATED:
                 evaluate_removal(selector, ratio, {})
+        for selector in args.methods:
+            evaluate_removal(selector, ratio, None)
 
     # Compensation variants go on top of every compensated selector, so a default can be chosen by
     # measurement without favouring one selector; at the first ratio they run right after its main rows.
@@ -212,7 +213,7 @@ def run(args) -> None:
         if args.variant_ratios and not any(abs(ratio - r) < 1e-9 for r in args.variant_ratios):
             return
         for name, comp in args.comp_variants.items():
-            for selector in args.methods:
+            for selector in args.variant_methods or args.methods:
                 if selector in COMPENSATED:
                     evaluate_removal(selector, ratio, comp, tag=f"[{name}]")
 
@@ -272,6 +273,43 @@ def print_pivots(res: dict[str, Any]) -> None:
             print(f"| {name} | " + " | ".join(cells) + " |")
 
 
+def paired(entry: dict[str, Any], reference: dict[str, Any], text: str) -> tuple[float, float] | None:
+    """(ppl ratio entry/reference, z) from per-segment NLL differences on the same segments."""
+    a, b = entry.get(f"{text}_segment_nll"), reference.get(f"{text}_segment_nll")
+    if not a or not b or len(a) != len(b):
+        return None
+    diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    se = float(diff.std() / math.sqrt(len(diff)))
+    mean = float(diff.mean())
+    return math.exp(mean), (mean / se if se > 0 else 0.0)
+
+
+def print_precise(res: dict[str, Any], reference: str = "gradmap + comp") -> None:
+    """Per k: every entry with its standard errors and a paired comparison against `reference`."""
+    entries = [e for key, e in res["evals"].items() if key != "dense" and "wikitext2_ppl_stderr" in e]
+    dense = res["evals"]["dense"]
+    print(f"\nDense: WikiText-2 {dense['wikitext2_ppl']:.2f} ± {dense.get('wikitext2_ppl_stderr', 0):.2f}, "
+          f"PTB {dense['ptb_ppl']:.2f} ± {dense.get('ptb_ppl_stderr', 0):.2f}")
+    for k in sorted({e["k"] for e in entries}):
+        rows = sorted((e for e in entries if e["k"] == k), key=lambda e: e["wikitext2_ppl"])
+        ref = next((e for e in rows if label(e) == reference), None)
+        print(f"\nk={k}: perplexity ± standard error; paired = ratio to {reference} (z of the paired "
+              "per-segment NLL difference; |z| < 2 is a tie)\n")
+        print("| method | WikiText-2 | PTB | paired wiki | paired PTB | comp tokens | comp s |")
+        print("|---|---|---|---|---|---|---|")
+        for e in rows:
+            cells = []
+            for text in ("wikitext2", "ptb"):
+                cells.append(f"{e[f'{text}_ppl']:.2f} ± {e[f'{text}_ppl_stderr']:.2f}")
+            for text in ("wikitext2", "ptb"):
+                cmp = paired(e, ref, text) if ref is not None and e is not ref else None
+                cells.append("-" if cmp is None else f"{cmp[0]:.3f}x (z={cmp[1]:+.1f})")
+            c = e.get("compensation_report") or {}
+            cells.append(str(c.get("compensation_tokens", "-")))
+            cells.append(str(e.get("compensation_seconds", "-")))
+            print(f"| {label(e)} | " + " | ".join(cells) + " |")
+
+
 def print_time_to_k(res: dict[str, Any]) -> None:
     """Scoring seconds and passes each selector needed to reach every k (iterative ones: sum of its decisions)."""
     ks = sorted({e["k"] for key, e in res["evals"].items() if key != "dense"})
@@ -302,7 +340,15 @@ def report(args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = [json.loads(Path(p).read_text()) for p in args.inputs]
+    files: list[dict[str, Any]] = []
+    for path in args.inputs:  # files of the same model (e.g. one per ratio, run in parallel) are merged
+        res = json.loads(Path(path).read_text())
+        same = next((f for f in files if f["model"] == res["model"]), None)
+        if same is None:
+            files.append(res)
+        else:
+            same["evals"] = res["evals"] | same["evals"]
+            same["runs"] = res["runs"] | same["runs"]
     plot_dir = Path(args.plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)
 
@@ -349,6 +395,7 @@ def report(args) -> None:
     for res in files:
         print(f"\n### {res['model']} ({res['n_layers']} layers)\n")
         print_pivots(res)
+        print_precise(res)
         print_time_to_k(res)
         print("\nAll entries:\n")
         dense = res["evals"]["dense"]
@@ -395,8 +442,10 @@ def main() -> None:
     r.add_argument("--zs-methods", nargs="*", default=[], help="only these (e.g. gradmap+comp sleb) get zero-shot")
     r.add_argument("--first-ratio", type=float, default=0.2)
     r.add_argument("--comp-variants", type=json.loads, default={}, help='{"name": {compensation options}}')
+    r.add_argument("--variant-methods", nargs="*", default=[], help="selectors for --comp-variants (all)")
     r.add_argument("--variant-ratios", type=float, nargs="*", default=[], help="ratios for --comp-variants (all)")
     r.add_argument("--comp-samples", type=int, default=256, help="compensation windows drawn (options take a prefix)")
+    r.add_argument("--skip-dense", action="store_true", help="no dense row (e.g. a sweep with paired comparisons)")
     r.add_argument("--runs-from", default=None, help="results JSON whose recorded selections are reused")
     r.add_argument("--extra-selectors", nargs="*", default=[], help="e.g. gradmap[influence] (options via --options)")
     r.add_argument("--extra-ratios", type=float, nargs="*", default=[], help="more ratios for --extra-selectors")

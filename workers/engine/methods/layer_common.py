@@ -32,7 +32,7 @@ from workers.engine.types import EngineError, MethodOptions, PruneContext, Prune
 
 # Default compensation budget (token windows of the calibration length), chosen by measurement:
 # docs/benchmarks/layer-pruning.md, "Compensation tokens".
-COMPENSATION_SAMPLES = 64
+COMPENSATION_SAMPLES = 32
 
 
 class LayerMethodOptions(MethodOptions):
