@@ -189,7 +189,7 @@ def test_batched_packing_equals_one_item_at_a_time_within_1e4(tiny_llama):
     words = ["red", "blue", "green", "a cat", "the dog ran", "x", "yes", "no", "maybe later"]
     groups = []
     for i in range(14):
-        context = "Q%d: " % i + " ".join(words[j] for j in torch.randint(0, 9, (1 + i % 6,), generator=g).tolist())
+        context = f"Q{i}: " + " ".join(words[j] for j in torch.randint(0, 9, (1 + i % 6,), generator=g).tolist())
         n_choices = 2 + i % 3
         groups.append([(context, " " + words[(i + c) % 9] + ("s" * c)) for c in range(n_choices)])
     groups.append([("", " lone continuation")])  # empty context

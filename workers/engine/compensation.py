@@ -617,7 +617,8 @@ def compensate(
         writer, post_norm, writer_name = find_writer(layers[keep[position]])
         # Later placements see the pruned model with earlier (kept) projections already merged.
         fit = stream(position, fit_ids)
-        heldout = stream(position, heldout_ids) if n_heldout else None
+        # The held-out rows' equations only serve the refit on all rows (and its report).
+        heldout = stream(position, heldout_ids) if n_heldout and config.refit_on_all else None
         projection = _solve([fit], post_norm, config)
         eye = torch.eye(projection.shape[0])
         entry = {
@@ -672,7 +673,7 @@ def compensate(
             "seconds": round(time.perf_counter() - started, 3),
         }
     )
-    if n_heldout:
+    if "heldout_mse_before" in summary:
         report["heldout_mse_before"] = summary["heldout_mse_before"]
         report["heldout_mse_after"] = summary["heldout_mse_after"]
     return report

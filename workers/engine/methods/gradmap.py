@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import Field
@@ -129,8 +130,11 @@ def select(inp: SelectorInput) -> Selection:
                         originals.restore(refit)  # refit from the original weights, never on top
                     else:
                         originals.restore()
+                    # Scaffolding for the next scoring only: no refit on all rows (it needs a second
+                    # capture and loss per projection); the final compensation refits from scratch.
+                    in_loop_config = replace(options.compensation_config(), refit_on_all=False)
                     fitted = compensate(
-                        ctx.model, kept, ctx.calibration, options.compensation_config(),
+                        ctx.model, kept, ctx.calibration, in_loop_config,
                         check_cancel=ctx.check_cancel, only_layers=only, originals=originals,
                     )
                     refitted = set(kept if only is None else only) | {chosen}
