@@ -4,6 +4,8 @@
     python bench/eval_dense.py stats --limit 200
     # wall time and agreement: packed scoring vs lm-eval-style per-choice scoring on the same items
     python bench/eval_dense.py compare --tasks hellaswag,arc_easy --limit 24
+    # speed target: the fast scorer on a whole task, and both scorers on a subset, in one process
+    python bench/eval_dense.py speed --tasks arc_easy --naive-limit 200 --threads 2
 
 Accuracy runs use the CLI itself (see docs/benchmarks/eval.md for the exact commands), e.g.
     python -m workers.engine.cli_eval eval --model builtin:smollm2-135m --tasks all --limit 200 \\
@@ -114,16 +116,64 @@ def compare(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _naive(model, pairs) -> list[float]:
+    """The reference the fast scorer must equal: every request alone, batch 1, full logits."""
+    return [_score_plain(model, [pair])[0] for pair in pairs]
+
+
+def speed(args: argparse.Namespace) -> list[dict]:
+    """Fast scorer on the whole task, then fast vs naive on a `--naive-limit` subset, same process."""
+    import torch
+
+    from workers.engine.modelzoo import load_model
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, cache_dir=CACHE)
+    loglikelihoods(model, tokenizer, [[("Warm up", " the model.")]])  # self-check + allocations
+    rows = []
+    for task in args.tasks:
+        items = load_task(task, args.data_dir, args.limit, args.seed)
+        t0 = time.perf_counter()
+        loglikelihoods(model, tokenizer, [item.requests for item in items])
+        t_full = time.perf_counter() - t0
+        subset = load_task(task, args.data_dir, args.naive_limit, args.seed)
+        groups = [item.requests for item in subset]
+        t0 = time.perf_counter()
+        fast = [s for g in loglikelihoods(model, tokenizer, groups) for s in g]
+        t_fast = time.perf_counter() - t0
+        pairs = Tokenized(tokenizer, [r for g in groups for r in g], add_bos=False).pairs
+        t0 = time.perf_counter()
+        naive = _naive(model, pairs)
+        t_naive = time.perf_counter() - t0
+        rows.append(
+            {
+                "task": task,
+                "threads": args.threads,
+                "items": len(items),
+                "fast_full_s": round(t_full, 1),
+                "subset_items": len(subset),
+                "fast_subset_s": round(t_fast, 2),
+                "naive_subset_s": round(t_naive, 2),
+                "speedup_vs_naive": round(t_naive / t_fast, 2),
+                "max_abs_loglik_diff": max(abs(a - b) for a, b in zip(fast, naive, strict=True)),
+            }
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["stats", "compare"])
+    parser.add_argument("command", choices=["stats", "compare", "speed"])
     parser.add_argument("--model", default="builtin:smollm2-135m")
     parser.add_argument("--tasks", type=lambda v: v.split(","), default=list(TASKS))
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", type=Path, default=DATA)
+    parser.add_argument("--naive-limit", type=int, default=200, help="speed: items scored both ways")
+    parser.add_argument("--threads", type=int, default=1, help="speed: torch threads")
     args = parser.parse_args()
-    rows = stats(args) if args.command == "stats" else compare(args)
+    rows = {"stats": stats, "compare": compare, "speed": speed}[args.command](args)
     print(json.dumps(rows, indent=1))
 
 

@@ -47,7 +47,7 @@ from workers.engine.registry import get_method, parse_options  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 SELECTORS = ["gradmap", "shortgpt", "sleb", "taylor_plus", "random"]
-COMPENSATED = {"gradmap", "shortgpt"}  # also evaluated with compensation on
+COMPENSATED = {"gradmap", "shortgpt", "sleb"}  # also evaluated with compensation on
 
 
 def load(checkpoint: Path):
@@ -65,12 +65,19 @@ def evaluate(model, tokenizer, data: dict[str, Any], args, zero_shot_on: bool = 
     started = time.perf_counter()
     out: dict[str, Any] = {}
     with torch.no_grad():
-        out["wikitext2_ppl"] = perplexity(model, data["wiki"], seq_len=args.seq_len, batch_size=8)["ppl"]
-        out["ptb_ppl"] = perplexity(model, data["ptb"], seq_len=args.seq_len, batch_size=8)["ppl"]
+        for name, key in (("wikitext2", "wiki"), ("ptb", "ptb")):
+            scored = perplexity(model, data[key], seq_len=args.seq_len, batch_size=8)
+            out[f"{name}_ppl"] = scored["ppl"]
+            out[f"{name}_ppl_stderr"] = scored["ppl_stderr"]
+            out[f"{name}_segment_nll"] = scored["segment_nll"]  # for paired comparisons in the report
     if args.zs_limit > 0 and zero_shot_on:
         tasks = zero_shot(model, tokenizer, args.zs_tasks, DATA / "eval", limit=args.zs_limit, seed=0)
-        out["zero_shot"] = {t: {"acc": r["acc"], "acc_norm": r["acc_norm"], "n": r["n"]} for t, r in tasks.items()}
+        out["zero_shot"] = {
+            t: {k: r[k] for k in ("acc", "acc_norm", "n", "acc_stderr", "acc_norm_stderr")} for t, r in tasks.items()
+        }
         out["zero_shot_avg_acc"] = sum(r["acc"] for r in tasks.values()) / len(tasks)
+        # Tasks are independent samples: the average's standard error combines theirs.
+        out["zero_shot_avg_acc_stderr"] = math.sqrt(sum(r["acc_stderr"] ** 2 for r in tasks.values())) / len(tasks)
     out["eval_seconds"] = round(time.perf_counter() - started, 1)
     return out
 
@@ -79,10 +86,12 @@ def prepare_data(tokenizer, args) -> dict[str, Any]:
     text = (DATA / "wikitext2-valid.txt").read_text(encoding="utf-8")
     half = len(text) // 2
     calibration = token_batches(tokenizer, [text[:half]], args.calib_samples, args.calib_len, seed=0)
+    # Compensation's own, larger budget from the same source (another seed); never the eval half.
+    compensation = token_batches(tokenizer, [text[:half]], args.comp_samples, args.calib_len, seed=1)
     wiki = torch.tensor(tokenizer(text[half:], add_special_tokens=False)["input_ids"][: args.ppl_tokens])
     ptb_text = (DATA / "eval" / "ptb" / "ptb.test.txt").read_text(encoding="utf-8")
     ptb = torch.tensor(tokenizer(ptb_text, add_special_tokens=False)["input_ids"][: args.ptb_tokens])
-    return {"calibration": calibration, "wiki": wiki, "ptb": ptb}
+    return {"calibration": calibration, "compensation": compensation, "wiki": wiki, "ptb": ptb}
 
 
 def save(path: Path, results: dict[str, Any]) -> None:
@@ -104,6 +113,7 @@ def run(args) -> None:
     results.setdefault("model", args.model)
     results["setup"] = {
         "calibration": f"{args.calib_samples}x{args.calib_len} tokens, first half of wikitext2-valid.txt, seed 0",
+        "compensation_data": f"up to {args.comp_samples}x{args.calib_len} tokens, first half, seed 1",
         "wikitext2_eval_tokens": int(data["wiki"].numel()),
         "ptb_eval_tokens": int(data["ptb"].numel()),
         "seq_len": args.seq_len,
@@ -113,11 +123,14 @@ def run(args) -> None:
         "torch_threads": torch.get_num_threads(),
     }
     runs = results.setdefault("runs", {})
+    if args.runs_from:  # reuse recorded selections (removal orders + their timings) instead of rerunning
+        for key, entry in json.loads(Path(args.runs_from).read_text())["runs"].items():
+            runs.setdefault(key, entry | {"reused_from": Path(args.runs_from).name})
     evals = results.setdefault("evals", {})
     n_layers = load(checkpoint).config.num_hidden_layers
     results["n_layers"] = n_layers
 
-    if "dense" not in evals:
+    if "dense" not in evals and not args.skip_dense:
         print("evaluating dense model", flush=True)
         evals["dense"] = evaluate(load(checkpoint), tokenizer, data, args)
         save(out_path, results)
@@ -171,8 +184,9 @@ def run(args) -> None:
             opts = parse_options(get_method(selector.split("[")[0]), {"compensation": True, **comp})
             started = time.perf_counter()
             shifts = measure_shift(model, keep, data["calibration"], opts.micro_batch_size)
+            comp_ids = data["compensation"][: opts.compensation_samples]
             entry["compensation_report"] = compensate(
-                model, keep, data["calibration"], opts.compensation_config(), shifts=shifts
+                model, keep, comp_ids, opts.compensation_config(), shifts=shifts
             )
             entry["compensation_options"] = comp
             entry["compensation_seconds"] = round(time.perf_counter() - started, 2)
@@ -186,18 +200,29 @@ def run(args) -> None:
 
     # Priority order, so a run cut short still answers the main questions: every method at the
     # first ratio, then the other ratios, then extra variants.
-    for ratio in ratios:
-        for selector in args.methods:
-            evaluate_removal(selector, ratio, None)
+    def main_rows(ratio: float) -> None:
+        for selector in args.methods:  # compensated rows first: they decide the ranking
             if selector in COMPENSATED:
                 evaluate_removal(selector, ratio, {})
-    # Compensation variants go on top of every compensated selector at every ratio, so a default can
-    # be chosen by measurement without favouring one selector.
-    for ratio in ratios:
+        for selector in args.methods:
+            evaluate_removal(selector, ratio, None)
+
+    # Compensation variants go on top of every compensated selector, so a default can be chosen by
+    # measurement without favouring one selector; at the first ratio they run right after its main rows.
+    def variants(ratio: float) -> None:
+        if args.variant_ratios and not any(abs(ratio - r) < 1e-9 for r in args.variant_ratios):
+            return
         for name, comp in args.comp_variants.items():
-            for selector in args.methods:
+            for selector in args.variant_methods or args.methods:
                 if selector in COMPENSATED:
                     evaluate_removal(selector, ratio, comp, tag=f"[{name}]")
+
+    main_rows(ratios[0])
+    variants(ratios[0])
+    for ratio in ratios[1:]:
+        main_rows(ratio)
+    for ratio in ratios[1:]:
+        variants(ratio)
     # Selector variants (e.g. other GradMAP scores): with and without compensation at the first
     # ratio, with compensation (the product default) at --extra-ratios.
     for selector in args.extra_selectors:
@@ -248,6 +273,43 @@ def print_pivots(res: dict[str, Any]) -> None:
             print(f"| {name} | " + " | ".join(cells) + " |")
 
 
+def paired(entry: dict[str, Any], reference: dict[str, Any], text: str) -> tuple[float, float] | None:
+    """(ppl ratio entry/reference, z) from per-segment NLL differences on the same segments."""
+    a, b = entry.get(f"{text}_segment_nll"), reference.get(f"{text}_segment_nll")
+    if not a or not b or len(a) != len(b):
+        return None
+    diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    se = float(diff.std() / math.sqrt(len(diff)))
+    mean = float(diff.mean())
+    return math.exp(mean), (mean / se if se > 0 else 0.0)
+
+
+def print_precise(res: dict[str, Any], reference: str = "gradmap + comp") -> None:
+    """Per k: every entry with its standard errors and a paired comparison against `reference`."""
+    entries = [e for key, e in res["evals"].items() if key != "dense" and "wikitext2_ppl_stderr" in e]
+    dense = res["evals"]["dense"]
+    print(f"\nDense: WikiText-2 {dense['wikitext2_ppl']:.2f} ± {dense.get('wikitext2_ppl_stderr', 0):.2f}, "
+          f"PTB {dense['ptb_ppl']:.2f} ± {dense.get('ptb_ppl_stderr', 0):.2f}")
+    for k in sorted({e["k"] for e in entries}):
+        rows = sorted((e for e in entries if e["k"] == k), key=lambda e: e["wikitext2_ppl"])
+        ref = next((e for e in rows if label(e) == reference), None)
+        print(f"\nk={k}: perplexity ± standard error; paired = ratio to {reference} (z of the paired "
+              "per-segment NLL difference; |z| < 2 is a tie)\n")
+        print("| method | WikiText-2 | PTB | paired wiki | paired PTB | comp tokens | comp s |")
+        print("|---|---|---|---|---|---|---|")
+        for e in rows:
+            cells = []
+            for text in ("wikitext2", "ptb"):
+                cells.append(f"{e[f'{text}_ppl']:.2f} ± {e[f'{text}_ppl_stderr']:.2f}")
+            for text in ("wikitext2", "ptb"):
+                cmp = paired(e, ref, text) if ref is not None and e is not ref else None
+                cells.append("-" if cmp is None else f"{cmp[0]:.3f}x (z={cmp[1]:+.1f})")
+            c = e.get("compensation_report") or {}
+            cells.append(str(c.get("compensation_tokens", "-")))
+            cells.append(str(e.get("compensation_seconds", "-")))
+            print(f"| {label(e)} | " + " | ".join(cells) + " |")
+
+
 def print_time_to_k(res: dict[str, Any]) -> None:
     """Scoring seconds and passes each selector needed to reach every k (iterative ones: sum of its decisions)."""
     ks = sorted({e["k"] for key, e in res["evals"].items() if key != "dense"})
@@ -278,7 +340,15 @@ def report(args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = [json.loads(Path(p).read_text()) for p in args.inputs]
+    files: list[dict[str, Any]] = []
+    for path in args.inputs:  # files of the same model (e.g. one per ratio, run in parallel) are merged
+        res = json.loads(Path(path).read_text())
+        same = next((f for f in files if f["model"] == res["model"]), None)
+        if same is None:
+            files.append(res)
+        else:
+            same["evals"] = res["evals"] | same["evals"]
+            same["runs"] = res["runs"] | same["runs"]
     plot_dir = Path(args.plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)
 
@@ -325,6 +395,7 @@ def report(args) -> None:
     for res in files:
         print(f"\n### {res['model']} ({res['n_layers']} layers)\n")
         print_pivots(res)
+        print_precise(res)
         print_time_to_k(res)
         print("\nAll entries:\n")
         dense = res["evals"]["dense"]
@@ -371,6 +442,11 @@ def main() -> None:
     r.add_argument("--zs-methods", nargs="*", default=[], help="only these (e.g. gradmap+comp sleb) get zero-shot")
     r.add_argument("--first-ratio", type=float, default=0.2)
     r.add_argument("--comp-variants", type=json.loads, default={}, help='{"name": {compensation options}}')
+    r.add_argument("--variant-methods", nargs="*", default=[], help="selectors for --comp-variants (all)")
+    r.add_argument("--variant-ratios", type=float, nargs="*", default=[], help="ratios for --comp-variants (all)")
+    r.add_argument("--comp-samples", type=int, default=256, help="compensation windows drawn (options take a prefix)")
+    r.add_argument("--skip-dense", action="store_true", help="no dense row (e.g. a sweep with paired comparisons)")
+    r.add_argument("--runs-from", default=None, help="results JSON whose recorded selections are reused")
     r.add_argument("--extra-selectors", nargs="*", default=[], help="e.g. gradmap[influence] (options via --options)")
     r.add_argument("--extra-ratios", type=float, nargs="*", default=[], help="more ratios for --extra-selectors")
     r.add_argument(

@@ -10,6 +10,8 @@ import torch
 
 from workers.engine.compensation import (
     CompensationConfig,
+    NormalEquations,
+    OriginalWeights,
     apply_writer,
     capture_pruned,
     choose_placements,
@@ -19,6 +21,7 @@ from workers.engine.compensation import (
     measure_shift,
     merge_projection,
     ridge_projection,
+    stream_placement,
     target_index,
 )
 from workers.engine.layers import remove_layers
@@ -165,3 +168,94 @@ def test_kept_projection_is_refitted_on_all_calibration_rows(tiny_llama, refit):
         assert entry["loss_after_refit"] == report["heldout_loss_after"]
     else:
         assert "refit_on_all_rows" not in entry and entry["loss_after"] == report["heldout_loss_after"]
+
+
+def test_streamed_normal_equations_equal_the_in_memory_solve():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(700, 24, generator=g)
+    t = x @ _near_identity(24, seed=6) + 0.3 * torch.randn(700, 24, generator=g)
+    equations = NormalEquations(24)
+    for start in range(0, 700, 64):  # uneven last chunk on purpose
+        equations.add(x[start : start + 64], t[start : start + 64])
+    for ridge in (0.0, 1.0):
+        assert torch.allclose(equations.solve(ridge), ridge_projection(x, t, ridge), atol=1e-5)
+    p = equations.solve(1.0)
+    assert equations.mse(p) == pytest.approx(float((x @ p - t).pow(2).mean()), rel=1e-6)
+    halves = NormalEquations(24)
+    halves.add(x[:300], t[:300])
+    rest = NormalEquations(24)
+    rest.add(x[300:], t[300:])
+    assert torch.allclose((halves + rest).solve(1.0), p, atol=1e-5)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma3"])
+def test_streaming_capture_equals_stacked_rows_through_real_blocks(fixture, request):
+    """Micro-batch streaming on the real model gives the projection of stacking every row."""
+    model = request.getfixturevalue(fixture)
+    ids = _ids(6)
+    keep, position, target_layer = [0, 2, 3], 1, 2
+    _, post_norm, _ = find_writer(model.model.layers[2])
+    originals = OriginalWeights([find_writer(model.model.layers[i])[0] for i in keep])
+    streamed = stream_placement(model, keep, position, target_layer, ids, originals, 2, keep_rows=10**6)
+    z, residual, target = streamed.rows
+    z_all, residual_all = capture_pruned(model, keep, position, ids, 6, 10**6, lambda: None)
+    assert torch.allclose(z, z_all, atol=1e-5) and torch.allclose(residual, residual_all, atol=1e-5)
+    expected = fit_projection(z_all, residual_all, target, post_norm, ridge=1.0)
+    assert torch.allclose(streamed.equations.solve(1.0), expected, atol=1e-4)
+    assert streamed.equations.rows == ids.numel()
+
+
+def test_original_targets_ignore_merged_projections(tiny_llama):
+    """After a merge the original model's targets still come from the unmerged writer."""
+    ids = _ids(4)
+    keep = [0, 2, 3]
+    writer, _, _ = find_writer(tiny_llama.model.layers[2])
+    originals = OriginalWeights([writer])
+    before = stream_placement(tiny_llama, keep, 2, 3, ids, originals, 2, keep_rows=10**6).rows[2]
+    merge_projection(writer, _near_identity(64, seed=9, scale=1.0))
+    after = stream_placement(tiny_llama, keep, 2, 3, ids, originals, 2, keep_rows=10**6).rows[2]
+    assert torch.equal(before, after)
+
+
+def test_compensation_data_is_its_own_budget(tiny_llama):
+    calibration, extra = _ids(4), _ids(12, seed=8)
+    options = {"compensation": True, "compensation_samples": 8}
+    outcome = prune(copy.deepcopy(tiny_llama), calibration, method="last_k", target_sparsity=0.25,
+                    options=options, compensation_data=extra)
+    comp = outcome.report["compensation"]
+    assert comp["source"] == "compensation_data"
+    assert comp["fit_samples"] + comp["heldout_samples"] == 8
+    assert comp["compensation_tokens"] == 8 * extra.shape[1]
+    fallback = prune(copy.deepcopy(tiny_llama), calibration, method="last_k", target_sparsity=0.25, options=options)
+    assert fallback.report["compensation"]["source"] == "calibration"
+    assert fallback.report["compensation"]["compensation_tokens"] == calibration.numel()
+
+
+def test_incremental_refit_equals_full_refit_upstream_of_the_new_cut():
+    """After a second cut, refitting only its neighbours gives the projections a full refit gives
+    for every layer up to the cut's far side (downstream ones keep their earlier fit by design)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from workers.engine.methods.gradmap import cut_neighbours
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    ids = _ids(8)
+    accept_all = CompensationConfig(min_improvement=-1.0)
+    originals = OriginalWeights.of_model(model)
+    compensate(model, [0, 1, 2, 4, 5], ids, accept_all, originals=originals)  # first cut: layer 3
+    neighbours = cut_neighbours(6, [3, 1], 1)
+    assert neighbours == [0, 2]
+    originals.restore([find_writer(model.model.layers[i])[0] for i in neighbours])
+    keep = [0, 2, 4, 5]
+    incremental = compensate(model, keep, ids, accept_all, only_layers=neighbours, originals=originals)
+    assert incremental["tried_layers"] == [0, 2] and incremental["layers"] == [0, 2]
+    weights_inc = {i: find_writer(model.model.layers[i])[0].weight.detach().clone() for i in range(6)}
+    originals.restore()
+    full = compensate(model, keep, ids, accept_all, originals=originals)
+    assert full["tried_layers"] == [0, 2, 4]
+    for layer in (0, 2):
+        assert torch.allclose(find_writer(model.model.layers[layer])[0].weight, weights_inc[layer], atol=1e-6)
+    assert not torch.allclose(find_writer(model.model.layers[4])[0].weight, weights_inc[4], atol=1e-6)

@@ -179,3 +179,26 @@ def test_packing_verdict_is_rechecked_when_modules_change(tiny_llama):
     tiny_llama._slimforge_packed_ok = (("SomeOtherModel",), False)  # stale verdict of another make-up
     loglikelihoods(tiny_llama, CharTokenizer(), [[("abc", " d"), ("abc", " e")]])
     assert tiny_llama._slimforge_packed_ok == (_signature(tiny_llama), True)
+
+
+def test_batched_packing_equals_one_item_at_a_time_within_1e4(tiny_llama):
+    """Many groups of mixed lengths, shared contexts and shared continuation prefixes, scored in
+    length-sorted padded batches, give the log-likelihoods of scoring every request alone."""
+    tok = CharTokenizer()
+    g = torch.Generator().manual_seed(5)
+    words = ["red", "blue", "green", "a cat", "the dog ran", "x", "yes", "no", "maybe later"]
+    groups = []
+    for i in range(14):
+        context = f"Q{i}: " + " ".join(words[j] for j in torch.randint(0, 9, (1 + i % 6,), generator=g).tolist())
+        n_choices = 2 + i % 3
+        groups.append([(context, " " + words[(i + c) % 9] + ("s" * c)) for c in range(n_choices)])
+    groups.append([("", " lone continuation")])  # empty context
+    if hasattr(tiny_llama, "_slimforge_packed_ok"):
+        del tiny_llama._slimforge_packed_ok
+    got = loglikelihoods(tiny_llama, tok, groups, max_rows=3, max_tokens=96)  # several padded batches
+    assert tiny_llama._slimforge_packed_ok[1] is True
+    pairs = Tokenized(tok, [r for group in groups for r in group], add_bos=False).pairs
+    naive = [_score_plain(tiny_llama, [pair])[0] for pair in pairs]
+    flat = [s for scores in got for s in scores]
+    assert len(flat) == len(naive)
+    assert max(abs(a - b) for a, b in zip(flat, naive, strict=True)) < 1e-4

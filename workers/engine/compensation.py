@@ -10,12 +10,15 @@ the original's. We
 3. solve one d x d projection P in closed form,
        P = argmin ||X P - T||^2 + lam ||P - I||^2  =>  (X^T X + lam I) P = X^T T + lam I,
    where X is the output of the placement layer's last residual writer (`down_proj`) and T the part
-   of the original hidden state that writer must produce; optionally refine P with a few Adam steps
-   on the exact objective (needed when a norm follows the writer, as in Gemma's sandwich norms),
+   of the original hidden state that writer must produce. X^T X and X^T T are summed micro-batch
+   by micro-batch in one streaming pass (`NormalEquations`), so the fit can use many more tokens
+   than scoring (its own `compensation_samples` budget) without memory growing with the rows;
+   optionally refine P with a few Adam steps on the exact objective (needed when a norm follows
+   the writer, as in Gemma's sandwich norms; only this keeps rows, at most `max_tokens`),
 4. merge P into that writer's weight (W <- P^T W, b <- b P), so the saved model has no extra module,
-5. validate on a held-out split of the calibration batch and keep the change only if the held-out
-   next-token loss improves; a kept projection is then refitted on all calibration rows (the fit
-   is data-starved: a d x d solve from a few hundred tokens).
+5. validate on a held-out split of the compensation tokens and keep the change only if the
+   held-out next-token loss improves; a kept projection is then refitted on all rows (fit +
+   held-out normal equations added).
 
 The original model is the same module with all layers; the pruned one is a `layer_subset` view, so
 no weights are copied.
@@ -24,7 +27,8 @@ no weights are copied.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -50,7 +54,7 @@ class CompensationConfig:
     refine_steps: int = 0
     refine_lr: float = 1e-4
     heldout_fraction: float = 0.25
-    max_tokens: int = 16384
+    max_tokens: int = 16384  # rows kept in memory for the Adam refinement only; the solve streams all
     min_improvement: float = 0.0  # relative held-out loss drop a projection needs to be kept
     refit_on_all: bool = True  # once a projection passed the held-out check, refit it on fit + held-out rows
     micro_batch_size: int = 4
@@ -124,18 +128,38 @@ def measure_shift(
     return rows
 
 
+Shifts = list[dict[str, Any]] | Callable[[], list[dict[str, Any]]]
+
+
 def choose_placements(
-    keep: Sequence[int], n_layers: int, shifts: list[dict[str, Any]], placement: Placement, max_projections: int
+    keep: Sequence[int], n_layers: int, shifts: Shifts, placement: Placement, max_projections: int
 ) -> list[int]:
-    """Kept-layer positions (in the pruned numbering) that receive a projection, in forward order."""
+    """Kept-layer positions (in the pruned numbering) that receive a projection, in forward order.
+
+    `shifts` may be a function: the drift is then measured only when the placement needs it (the
+    max_* placements, or more removed blocks than `max_projections`), which in-loop compensation
+    relies on to stay cheap.
+    """
     keep = sorted(keep)
     removed = sorted(set(range(n_layers)) - set(keep))
     if not removed:
         return []
+    if callable(shifts):
+        measure = shifts
+        cache: list[list[dict[str, Any]]] = []
+
+        def get_shifts() -> list[dict[str, Any]]:
+            if not cache:
+                cache.append(measure())
+            return cache[0]
+    else:
+        def get_shifts(known: list[dict[str, Any]] = shifts) -> list[dict[str, Any]]:
+            return known
+
     if placement in ("max_relative_shift", "max_shift"):
         key = "shift" if placement == "max_relative_shift" else "abs_shift"
         # Only layers at or after the first cut can have drifted.
-        candidates = [row for row in shifts if row["layer"] > removed[0]]
+        candidates = [row for row in get_shifts() if row["layer"] > removed[0]]
         ranked = sorted(candidates, key=lambda row: -row[key])[:max_projections]
         return sorted(row["position"] for row in ranked)
     # Removed blocks = maximal runs of consecutive removed indices.
@@ -158,7 +182,8 @@ def choose_placements(
         positions.extend(p for p in chosen if p not in positions)
     if len(positions) > max_projections:
         # Keep the cuts that introduce the largest relative shift.
-        by_shift = sorted(positions, key=lambda p: -shifts[p]["shift"])[:max_projections]
+        measured = get_shifts()
+        by_shift = sorted(positions, key=lambda p: -measured[p]["shift"])[:max_projections]
         positions = sorted(by_shift)
     return sorted(positions)
 
@@ -225,17 +250,53 @@ def norm_gain(post_norm: nn.Module, dim: int, device: torch.device) -> torch.Ten
         return post_norm(ones).float().reshape(-1)
 
 
+class NormalEquations:
+    """Running sums of a least-squares fit Y ~= X P: X^T X, X^T Y, sum ||Y||^2 and the row count.
+
+    Adding rows micro-batch by micro-batch gives the same solve as stacking them all, while memory
+    stays two d x d float64 matrices however many tokens the fit sees.
+    """
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+        self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.target_sq = 0.0
+        self.rows = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x64, y64 = x.double(), y.double()
+        self.gram += x64.T @ x64
+        self.cross += x64.T @ y64
+        self.target_sq += float(y64.pow(2).sum())
+        self.rows += x.shape[0]
+
+    def __add__(self, other: NormalEquations) -> NormalEquations:
+        out = NormalEquations(self.gram.shape[0], self.gram.device)
+        out.gram, out.cross = self.gram + other.gram, self.cross + other.cross
+        out.target_sq, out.rows = self.target_sq + other.target_sq, self.rows + other.rows
+        return out
+
+    def solve(self, ridge: float) -> torch.Tensor:
+        """argmin_P ||X P - Y||^2 + lam ||P - I||^2, lam = ridge * trace(X^T X) / d (float64 solve)."""
+        d = self.gram.shape[0]
+        lam = ridge * float(self.gram.diagonal().mean()) if ridge > 0 else 0.0
+        eye = torch.eye(d, dtype=torch.float64, device=self.gram.device)
+        return torch.linalg.solve(self.gram + lam * eye, self.cross + lam * eye).float()
+
+    def mse(self, projection: torch.Tensor) -> float:
+        """mean over rows and channels of (X P - Y)^2, from the sums alone."""
+        if self.rows == 0:
+            return float("nan")
+        p = projection.to(self.gram).double()
+        sq = float((p * (self.gram @ p)).sum()) - 2.0 * float((p * self.cross).sum()) + self.target_sq
+        return max(sq, 0.0) / (self.rows * self.gram.shape[0])
+
+
 def ridge_projection(x: torch.Tensor, t: torch.Tensor, ridge: float) -> torch.Tensor:
     """argmin_P ||x P - t||^2 + lam ||P - I||^2 with lam = ridge * trace(x^T x)/d (float64 solve)."""
-    x64 = x.double()
-    t64 = t.double()
-    d = x64.shape[1]
-    gram = x64.T @ x64
-    lam = ridge * float(gram.diagonal().mean()) if ridge > 0 else 0.0
-    eye = torch.eye(d, dtype=torch.float64, device=x64.device)
-    lhs = gram + lam * eye
-    rhs = x64.T @ t64 + lam * eye
-    return torch.linalg.solve(lhs, rhs).float()
+    equations = NormalEquations(x.shape[1], x.device)
+    equations.add(x, t)
+    return equations.solve(ridge)
 
 
 def apply_writer(z: torch.Tensor, projection: torch.Tensor, post_norm: nn.Module | None) -> torch.Tensor:
@@ -243,6 +304,21 @@ def apply_writer(z: torch.Tensor, projection: torch.Tensor, post_norm: nn.Module
     if post_norm is None:
         return out
     return post_norm(out.to(next(post_norm.parameters()).dtype)).float()
+
+
+def design_rows(
+    z: torch.Tensor, residual: torch.Tensor, target: torch.Tensor, post_norm: nn.Module | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X, Y) of the linear fit Y ~= X P that makes residual + post_norm(z P) ~= target."""
+    want = target - residual
+    if post_norm is None:
+        return z, want
+    # Linearise the norm around P = I: post_norm(zP) ~= g * (z/rms(z)) P, exact at P = I.
+    gain = norm_gain(post_norm, z.shape[1], z.device)
+    gain = torch.where(gain.abs() < 1e-3, torch.full_like(gain, 1e-3), gain)
+    eps = getattr(post_norm, "eps", getattr(post_norm, "variance_epsilon", 1e-6))
+    rms = z.pow(2).mean(dim=-1, keepdim=True).add(eps).sqrt()
+    return z / rms, want / gain
 
 
 def fit_projection(
@@ -255,16 +331,7 @@ def fit_projection(
     refine_lr: float = 1e-4,
 ) -> torch.Tensor:
     """P such that residual + post_norm(z P) ~= target (rows are tokens)."""
-    want = target - residual
-    if post_norm is None:
-        projection = ridge_projection(z, want, ridge)
-    else:
-        # Linearise the norm around P = I: post_norm(zP) ~= g * (z/rms(z)) P, exact at P = I.
-        gain = norm_gain(post_norm, z.shape[1], z.device)
-        gain = torch.where(gain.abs() < 1e-3, torch.full_like(gain, 1e-3), gain)
-        eps = getattr(post_norm, "eps", getattr(post_norm, "variance_epsilon", 1e-6))
-        rms = z.pow(2).mean(dim=-1, keepdim=True).add(eps).sqrt()
-        projection = ridge_projection(z / rms, want / gain, ridge)
+    projection = ridge_projection(*design_rows(z, residual, target, post_norm), ridge)
     if refine_steps > 0:
         projection = refine_projection(z, residual, target, post_norm, projection, ridge, refine_steps, refine_lr)
     return projection
@@ -320,29 +387,71 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> float:
 # One placement: capture, fit, merge
 
 
+class OriginalWeights:
+    """Unmerged copies of residual writers, swapped in by reference while the original model runs.
+
+    The pruned model is a view of the same modules, so once a projection is merged the original
+    model would see it too; streaming captures need the original's targets after every merge.
+    """
+
+    def __init__(self, writers: Sequence[nn.Linear]) -> None:
+        self._saved = [
+            (w, w.weight.detach().clone(), None if w.bias is None else w.bias.detach().clone()) for w in writers
+        ]
+
+    @classmethod
+    def of_model(cls, model: nn.Module) -> OriginalWeights:
+        """Every block's residual writer (blocks without a known writer are never merged into)."""
+        return cls([found[0] for block in find_layers(model).layers if (found := find_writer(block))])
+
+    @torch.no_grad()
+    def restore(self, writers: Collection[nn.Linear] | None = None) -> None:
+        """Copy the original values back into `writers` (default: all) -- undoes their merges."""
+        for writer, weight, bias in self._saved:
+            if writers is None or any(writer is w for w in writers):
+                writer.weight.copy_(weight)
+                if bias is not None:
+                    writer.bias.copy_(bias)
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        current = [(w, w.weight.data, None if w.bias is None else w.bias.data) for w, _, _ in self._saved]
+        for writer, weight, bias in self._saved:
+            writer.weight.data = weight
+            if bias is not None:
+                writer.bias.data = bias
+        try:
+            yield
+        finally:
+            for writer, weight, bias in current:
+                writer.weight.data = weight
+                if bias is not None:
+                    writer.bias.data = bias
+
+
 @torch.no_grad()
-def capture_reference(
-    model: nn.Module,
-    layer_indices: Sequence[int],
-    ids: torch.Tensor,
-    micro_batch_size: int,
-    max_tokens: int,
-    check_cancel: Callable[[], None],
-) -> dict[int, torch.Tensor]:
-    """Original-model outputs of `layer_indices`, at most `max_tokens` rows each (before any merge)."""
-    wanted = sorted(set(layer_indices))
-    parts: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
-    rows = 0
-    for batch in micro_batches(ids, micro_batch_size):
-        if rows >= max_tokens:
-            break
-        check_cancel()
-        with BlockIO(model, wanted, inputs=False, stop_after=wanted[-1]) as io:
+def _original_rows(model: nn.Module, layer: int, batch: torch.Tensor) -> torch.Tensor:
+    with BlockIO(model, [layer], inputs=False, stop_after=layer) as io:
+        capture_forward(model, batch)
+    return _token_rows(io.outputs[layer])
+
+
+@torch.no_grad()
+def _pruned_rows(
+    model: nn.Module, keep: Sequence[int], position: int, batch: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, residual) token rows of the pruned model at a placement: block output = residual + f(z)."""
+    writer, post_norm, _ = find_writer(find_layers(model).layers[keep[position]])
+    captured: list[torch.Tensor] = []
+    handle = writer.register_forward_hook(lambda m, a, out: captured.append(out.detach().float()))
+    try:
+        with layer_subset(model, keep), BlockIO(model, [position], inputs=False, stop_after=position) as pruned:
             capture_forward(model, batch)
-        for i in wanted:
-            parts[i].append(_token_rows(io.outputs[i]))
-        rows += batch.numel()
-    return {i: torch.cat(chunks)[:max_tokens] for i, chunks in parts.items()}
+    finally:
+        handle.remove()
+    z = _token_rows(captured[-1])
+    contribution = apply_writer(z, torch.eye(z.shape[1], device=z.device), post_norm)
+    return z, _token_rows(pruned.outputs[position]) - contribution
 
 
 @torch.no_grad()
@@ -355,28 +464,81 @@ def capture_pruned(
     max_tokens: int,
     check_cancel: Callable[[], None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z, residual) token rows of the pruned model at a placement: block output = residual + f(z)."""
-    block = find_layers(model).layers[keep[position]]
-    writer, post_norm, _ = find_writer(block)
+    """(z, residual) rows of the pruned model at a placement, at most `max_tokens` of them."""
     zs, residuals = [], []
     rows = 0
     for batch in micro_batches(ids, micro_batch_size):
         if rows >= max_tokens:
             break
         check_cancel()
-        captured: list[torch.Tensor] = []
-        handle = writer.register_forward_hook(lambda m, a, out, store=captured: store.append(out.detach().float()))
-        try:
-            with layer_subset(model, keep), BlockIO(model, [position], inputs=False, stop_after=position) as pruned:
-                capture_forward(model, batch)
-        finally:
-            handle.remove()
-        z = _token_rows(captured[-1])
-        contribution = apply_writer(z, torch.eye(z.shape[1], device=z.device), post_norm)
+        z, residual = _pruned_rows(model, keep, position, batch)
         zs.append(z)
-        residuals.append(_token_rows(pruned.outputs[position]) - contribution)
+        residuals.append(residual)
         rows += z.shape[0]
     return torch.cat(zs)[:max_tokens], torch.cat(residuals)[:max_tokens]
+
+
+@dataclass
+class Capture:
+    """One streaming pass at a placement: its normal equations and, for refinement, some rows."""
+
+    equations: NormalEquations
+    rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (z, residual, target)
+
+
+@torch.no_grad()
+def stream_placement(
+    model: nn.Module,
+    keep: Sequence[int],
+    position: int,
+    target_layer: int,
+    ids: torch.Tensor,
+    originals: OriginalWeights,
+    micro_batch_size: int,
+    keep_rows: int = 0,
+    check_cancel: Callable[[], None] = lambda: None,
+) -> Capture:
+    """Accumulate X^T X / X^T Y of a placement over `ids`, one micro-batch at a time.
+
+    Per micro-batch the original model (writers unmerged) gives the target and the pruned model
+    (with every projection merged so far) gives z and the residual; only `keep_rows` rows are kept.
+    """
+    _, post_norm, _ = find_writer(find_layers(model).layers[keep[position]])
+    equations: NormalEquations | None = None
+    kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    n_kept = 0
+    for batch in micro_batches(ids, micro_batch_size):
+        check_cancel()
+        with originals.active():
+            target = _original_rows(model, target_layer, batch)
+        z, residual = _pruned_rows(model, keep, position, batch)
+        x, y = design_rows(z, residual, target, post_norm)
+        if equations is None:
+            equations = NormalEquations(x.shape[1], x.device)
+        equations.add(x, y)
+        if n_kept < keep_rows:
+            kept.append((z, residual, target))
+            n_kept += z.shape[0]
+    assert equations is not None, "stream_placement needs at least one sample"
+    rows = None
+    if kept:
+        rows = tuple(torch.cat([part[i] for part in kept])[:keep_rows] for i in range(3))
+    return Capture(equations, rows)  # type: ignore[arg-type]
+
+
+def _solve(captures: Sequence[Capture], post_norm: nn.Module | None, config: CompensationConfig) -> torch.Tensor:
+    """Closed-form P from the summed equations, then optional Adam steps on the kept rows."""
+    total = captures[0].equations
+    for capture in captures[1:]:
+        total = total + capture.equations
+    projection = total.solve(config.ridge)
+    rows = [c.rows for c in captures if c.rows is not None]
+    if config.refine_steps > 0 and rows:
+        z, residual, target = (torch.cat([r[i] for r in rows]) for i in range(3))
+        projection = refine_projection(
+            z, residual, target, post_norm, projection, config.ridge, config.refine_steps, config.refine_lr
+        )
+    return projection
 
 
 def compensate(
@@ -387,10 +549,15 @@ def compensate(
     shifts: list[dict[str, Any]] | None = None,
     progress: Callable[[float, str], None] = lambda f, m: None,
     check_cancel: Callable[[], None] = lambda: None,
+    only_layers: Collection[int] | None = None,
+    originals: OriginalWeights | None = None,
 ) -> dict[str, Any]:
     """Fit and merge projection(s) into the kept layers of `model` (which still has all layers).
 
     Returns the JSON-serialisable compensation report; on rejection the weights are restored.
+    Incremental use (in-loop compensation): `only_layers` limits the fit to those kept layers
+    (original indices), leaving projections merged earlier elsewhere in place, and `originals`
+    must then hold the unmerged writers of every block (the original model's targets).
     """
     started = time.perf_counter()
     keep = sorted(keep)
@@ -398,9 +565,12 @@ def compensate(
     n = ids.shape[0]
     n_heldout = min(n - 1, max(1, round(config.heldout_fraction * n))) if n >= 2 else 0
     fit_ids, heldout_ids = ids[: n - n_heldout], ids[n - n_heldout :]
-    if shifts is None:
-        shifts = measure_shift(model, keep, ids, config.micro_batch_size, check_cancel)
-    positions = choose_placements(keep, n_layers, shifts, config.placement, config.max_projections)
+    measured: Shifts = shifts if shifts is not None else (
+        lambda: measure_shift(model, keep, ids, config.micro_batch_size, check_cancel)
+    )
+    positions = choose_placements(keep, n_layers, measured, config.placement, config.max_projections)
+    if only_layers is not None:
+        positions = [p for p in positions if keep[p] in set(only_layers)]
     report: dict[str, Any] = {
         "enabled": True,
         "placement": config.placement,
@@ -408,6 +578,7 @@ def compensate(
         "refine_steps": config.refine_steps,
         "fit_samples": int(fit_ids.shape[0]),
         "heldout_samples": int(heldout_ids.shape[0]),
+        "compensation_tokens": int(ids.numel()),
         "projections": [],
         "kept": False,
     }
@@ -429,53 +600,41 @@ def compensate(
     judge_ids = heldout_ids if n_heldout else fit_ids
     loss_before = pruned_loss(judge_ids)
     current = loss_before
-    # The original model shares its blocks with the pruned view: capture every target before merging.
     targets = {position: target_index(keep, position, n_layers) for position in usable}
-    fit_reference = capture_reference(
-        model, list(targets.values()), fit_ids, config.micro_batch_size, config.max_tokens, check_cancel
-    )
-    heldout_reference = (
-        capture_reference(
-            model, list(targets.values()), heldout_ids, config.micro_batch_size, config.max_tokens, check_cancel
+    if originals is None:
+        originals = OriginalWeights([find_writer(layers[keep[p]])[0] for p in usable])
+    keep_rows = config.max_tokens if config.refine_steps > 0 else 0
+
+    def stream(position: int, batch_ids: torch.Tensor) -> Capture:
+        return stream_placement(
+            model, keep, position, targets[position], batch_ids, originals, config.micro_batch_size,
+            keep_rows, check_cancel,
         )
-        if n_heldout
-        else None
-    )
+
     for step, position in enumerate(usable):
         check_cancel()
         progress(step / len(usable), f"fitting projection at layer {keep[position]}")
-        target_layer = targets[position]
         writer, post_norm, writer_name = find_writer(layers[keep[position]])
         # Later placements see the pruned model with earlier (kept) projections already merged.
-        z, residual = capture_pruned(
-            model, keep, position, fit_ids, config.micro_batch_size, config.max_tokens, check_cancel
-        )
-        target = fit_reference[target_layer]
-        heldout = None
-        if heldout_reference is not None:
-            hz, hr = capture_pruned(
-                model, keep, position, heldout_ids, config.micro_batch_size, config.max_tokens, check_cancel
-            )
-            heldout = (hz, hr, heldout_reference[target_layer])
-        projection = fit_projection(
-            z, residual, target, post_norm, config.ridge, config.refine_steps, config.refine_lr
-        )
-        eye = torch.eye(z.shape[1], device=z.device)
-        with torch.no_grad():
-            entry = {
-                "layer": keep[position],
-                "position": position,
-                "target_layer": target_layer,
-                "weight": writer_name,
-                "fit_tokens": int(z.shape[0]),
-                "mse_before": mse(residual + apply_writer(z, eye, post_norm), target),
-                "mse_after": mse(residual + apply_writer(z, projection, post_norm), target),
-                "projection_distance_from_identity": float((projection - eye).norm() / eye.norm()),
-            }
-            if heldout is not None:
-                hz, hr, ht = heldout
-                entry["heldout_mse_before"] = mse(hr + apply_writer(hz, eye, post_norm), ht)
-                entry["heldout_mse_after"] = mse(hr + apply_writer(hz, projection, post_norm), ht)
+        fit = stream(position, fit_ids)
+        # The held-out rows' equations only serve the refit on all rows (and its report).
+        heldout = stream(position, heldout_ids) if n_heldout and config.refit_on_all else None
+        projection = _solve([fit], post_norm, config)
+        eye = torch.eye(projection.shape[0])
+        entry = {
+            "layer": keep[position],
+            "position": position,
+            "target_layer": targets[position],
+            "weight": writer_name,
+            "fit_tokens": int(fit.equations.rows),
+            # In the fit's space: exact without a post-norm, linearised through it otherwise.
+            "mse_before": fit.equations.mse(eye),
+            "mse_after": fit.equations.mse(projection),
+            "projection_distance_from_identity": float((projection.cpu() - eye).norm() / eye.norm()),
+        }
+        if heldout is not None:
+            entry["heldout_mse_before"] = heldout.equations.mse(eye)
+            entry["heldout_mse_after"] = heldout.equations.mse(projection)
         restore_writer = snapshot_linear(writer)
         merge_projection(writer, projection)
         candidate = pruned_loss(judge_ids)
@@ -483,17 +642,13 @@ def compensate(
         accepted = candidate is not None and bar is not None and candidate < bar
         entry.update({"loss_before": current, "loss_after": candidate, "kept": bool(accepted)})
         if accepted and heldout is not None and config.refit_on_all:
-            # The held-out split has done its job (deciding); the final projection uses every row,
-            # which matters with a few hundred calibration tokens per d x d solve.
-            hz, hr, ht = heldout
-            projection = fit_projection(
-                torch.cat([z, hz]), torch.cat([residual, hr]), torch.cat([target, ht]), post_norm,
-                config.ridge, config.refine_steps, config.refine_lr,
-            )
+            # The held-out split has done its job (deciding); the final projection uses every row.
+            projection = _solve([fit, heldout], post_norm, config)
             restore_writer()
             merge_projection(writer, projection)
             candidate = pruned_loss(judge_ids)
-            entry.update({"refit_on_all_rows": int(z.shape[0] + hz.shape[0]), "loss_after_refit": candidate})
+            entry.update({"refit_on_all_rows": int(fit.equations.rows + heldout.equations.rows),
+                          "loss_after_refit": candidate})
         if accepted:
             current = candidate
         else:
@@ -518,7 +673,7 @@ def compensate(
             "seconds": round(time.perf_counter() - started, 3),
         }
     )
-    if n_heldout:
+    if "heldout_mse_before" in summary:
         report["heldout_mse_before"] = summary["heldout_mse_before"]
         report["heldout_mse_after"] = summary["heldout_mse_after"]
     return report

@@ -53,6 +53,7 @@ def prune(
     seed: int = 0,
     tokenizer: Any = None,
     recovery_data: torch.Tensor | None = None,
+    compensation_data: torch.Tensor | None = None,
 ) -> PruneOutcome:
     """Prune `model` (in place) with a registered method and return it with its report."""
     validate_target(target_sparsity, sparsity_basis)
@@ -71,6 +72,7 @@ def prune(
         seed=seed,
         tokenizer=tokenizer,
         recovery_data=recovery_data,
+        compensation_data=compensation_data,
     )
     started = time.perf_counter()
     with PeakMemory() as memory:

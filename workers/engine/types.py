@@ -76,6 +76,9 @@ class PruneContext:
     tokenizer: Any = None  # some methods (LoRA recovery on text) need it
     # Token batches for an optional recovery step (LoRA); methods fall back to `calibration`.
     recovery_data: torch.Tensor | None = None
+    # Token windows for projection compensation (its own, larger budget from the calibration's
+    # source); layer methods fall back to `calibration`.
+    compensation_data: torch.Tensor | None = None
 
     def check_cancel(self) -> None:
         if self.should_cancel():

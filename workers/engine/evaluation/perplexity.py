@@ -21,26 +21,27 @@ from workers.engine.types import EngineError, ProgressFn, no_progress
 _HEAD_CHUNK = 1024
 
 
-def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    return F.cross_entropy(flat, targets.reshape(-1), reduction="none").double()
 
 
 @torch.no_grad()
-def _batch_nll(model: torch.nn.Module, segments: torch.Tensor) -> float:
-    """Summed NLL of tokens 1..L-1 of every segment in a [B, L] batch."""
+def _batch_nll(model: torch.nn.Module, segments: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of tokens 1..L-1 of each segment in a [B, L] batch, as a [B] float64 tensor."""
     split = split_model(model)
     targets = segments[:, 1:]
     if split is None:
         logits = model(input_ids=segments, use_cache=False).logits[:, :-1]
-        return _nll_sum(logits, targets)
+        return _token_nll(logits, targets).view(targets.shape).sum(dim=1).cpu()
     hidden = split.decoder(input_ids=segments, use_cache=False).last_hidden_state[:, :-1]
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
-    total = 0.0
+    parts = []
     for start in range(0, flat_hidden.shape[0], _HEAD_CHUNK):
         chunk = slice(start, start + _HEAD_CHUNK)
-        total += _nll_sum(split.head(flat_hidden[chunk]), flat_targets[chunk])
-    return total
+        parts.append(_token_nll(split.head(flat_hidden[chunk]), flat_targets[chunk]))
+    return torch.cat(parts).view(targets.shape).sum(dim=1).cpu()
 
 
 def perplexity(
@@ -52,7 +53,11 @@ def perplexity(
 ) -> dict:
     """Perplexity of a 1-D token stream on non-overlapping `seq_len` segments.
 
-    Returns {"ppl", "nll" (mean per predicted token), "n_tokens" (predicted), "n_segments", "seq_len"}.
+    Returns {"ppl", "nll" (mean per predicted token), "n_tokens" (predicted), "n_segments", "seq_len",
+    "nll_stderr", "ppl_stderr", "segment_nll"}. The standard errors treat segments as the independent
+    samples (tokens within a segment are correlated): nll_stderr = std(segment mean NLL) / sqrt(n),
+    ppl_stderr = ppl * nll_stderr (delta method). `segment_nll` (mean NLL per segment) lets two
+    models scored on the same text be compared pairwise, which is much tighter than either error.
     `progress(stage, fraction, message)` is called after every batch (it may raise to cancel).
     """
     progress = progress or no_progress
@@ -74,20 +79,24 @@ def perplexity(
     segments = segments.to(model_device(model))
     was_training = model.training
     model.eval()
-    total_nll = 0.0
+    sums = []
     try:
         for start in range(0, n_segments, batch_size):
-            total_nll += _batch_nll(model, segments[start : start + batch_size])
+            sums.append(_batch_nll(model, segments[start : start + batch_size]))
             done = min(start + batch_size, n_segments)
             progress("evaluating", done / n_segments, f"perplexity@{seq_len}: {done}/{n_segments} segments")
     finally:
         model.train(was_training)
-    n_tokens = n_segments * (seq_len - 1)
-    mean_nll = total_nll / n_tokens
+    per_segment = torch.cat(sums) / (seq_len - 1)
+    mean_nll = float(per_segment.mean())
+    stderr = float(per_segment.std() / math.sqrt(n_segments)) if n_segments > 1 else 0.0
     return {
         "ppl": math.exp(mean_nll),
         "nll": mean_nll,
-        "n_tokens": n_tokens,
+        "n_tokens": n_segments * (seq_len - 1),
         "n_segments": n_segments,
         "seq_len": seq_len,
+        "nll_stderr": stderr,
+        "ppl_stderr": math.exp(mean_nll) * stderr,
+        "segment_nll": [round(float(v), 6) for v in per_segment],
     }

@@ -11,13 +11,13 @@ docs/benchmarks/layer-pruning.md).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Collection
+from dataclasses import replace
+from typing import Literal
 
-import torch
 from pydantic import Field
 
-from workers.engine.compensation import compensate, find_writer, snapshot_linear
+from workers.engine.compensation import OriginalWeights, compensate, find_writer
 from workers.engine.layers import find_layers, layer_subset
 from workers.engine.methods.gradient_scores import ResidualScore, WeightScore, gradient_scores
 from workers.engine.methods.layer_common import (
@@ -56,29 +56,32 @@ class GradMAPOptions(CompensatedOptions):
         False,
         description=(
             "After every decision, fit the compensation for the layers removed so far before the next scoring, so "
-            "later decisions see the corrected model (costs one compensation per decision; the final compensation "
-            "is refitted from the original weights)."
+            "later decisions see the corrected model (on the scoring calibration; the final compensation is "
+            "refitted from the original weights on the compensation budget)."
+        ),
+    )
+    in_loop_refit: Literal["incremental", "full"] = Field(
+        "incremental",
+        description=(
+            "incremental: after a cut, refit only the projections of the kept layers next to it and keep the "
+            "others; full: refit every projection from the original weights after every decision."
         ),
     )
 
 
-@contextmanager
-def restorable_writers(model: torch.nn.Module) -> Iterator[Callable[[], None]]:
-    """Snapshot every block's residual writer; yields a function that restores them (also run on exit).
+def cut_neighbours(n_layers: int, removed: Collection[int], cut: int) -> list[int]:
+    """Kept layers right before and right after the removed block that contains `cut`.
 
-    In-loop compensation merges projections into these weights; the original model (all layers,
-    untouched weights) must come back before each refit and before the selector returns.
+    Only their projections change targets when `cut` is removed: every other kept layer still
+    reproduces the same original layer as before.
     """
-    restores = [snapshot_linear(found[0]) for block in find_layers(model).layers if (found := find_writer(block))]
-
-    def restore() -> None:
-        for restore_writer in restores:
-            restore_writer()
-
-    try:
-        yield restore
-    finally:
-        restore()
+    gone = set(removed)
+    start = end = cut
+    while start - 1 in gone:
+        start -= 1
+    while end + 1 in gone:
+        end += 1
+    return [i for i in (start - 1, end + 1) if 0 <= i < n_layers]
 
 
 def select(inp: SelectorInput) -> Selection:
@@ -104,7 +107,10 @@ def select(inp: SelectorInput) -> Selection:
     else:
         removed = []
         decisions = []
-        with restorable_writers(ctx.model) as restore:
+        in_loop_layers: list[int] = []  # kept layers currently carrying an in-loop projection
+        originals = OriginalWeights.of_model(ctx.model)
+        layers = find_layers(ctx.model).layers
+        try:
             for step in range(inp.k):
                 started = time.perf_counter()
                 ctx.check_cancel()
@@ -116,16 +122,30 @@ def select(inp: SelectorInput) -> Selection:
                 removed.append(chosen)
                 if options.compensate_in_loop and step + 1 < inp.k:
                     fit_started = time.perf_counter()
-                    restore()  # refit from the original weights, never on top of an earlier fit
                     kept = [i for i in range(inp.n_layers) if i not in set(removed)]
+                    only = None
+                    if options.in_loop_refit == "incremental":
+                        only = cut_neighbours(inp.n_layers, removed, chosen)
+                        refit = [found[0] for i in only if (found := find_writer(layers[i]))]
+                        originals.restore(refit)  # refit from the original weights, never on top
+                    else:
+                        originals.restore()
+                    # Scaffolding for the next scoring only: no refit on all rows (it needs a second
+                    # capture and loss per projection); the final compensation refits from scratch.
+                    in_loop_config = replace(options.compensation_config(), refit_on_all=False)
                     fitted = compensate(
-                        ctx.model, kept, ctx.calibration, options.compensation_config(), check_cancel=ctx.check_cancel
+                        ctx.model, kept, ctx.calibration, in_loop_config,
+                        check_cancel=ctx.check_cancel, only_layers=only, originals=originals,
                     )
-                    extra["in_loop_compensation"] = fitted.get("layers", [])
-                    # Not counted in the passes: a handful of forwards (drift, captures, held-out losses).
+                    refitted = set(kept if only is None else only) | {chosen}
+                    in_loop_layers = sorted(set(in_loop_layers) - refitted | set(fitted.get("layers", [])))
+                    extra["in_loop_compensation"] = in_loop_layers
+                    # Not counted in the passes: a handful of forwards (captures, held-out losses).
                     extra["in_loop_compensation_seconds"] = round(time.perf_counter() - fit_started, 4)
                 seconds = round(time.perf_counter() - started, 4)
                 decisions.append(decision(step, scores, chosen, seconds=seconds, **extra))
+        finally:
+            originals.restore()
         passes = inp.k
     return Selection(
         removed=sorted(removed),

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from pydantic import Field
 from transformers import PretrainedConfig
 
@@ -28,6 +29,10 @@ from workers.engine.layer_budget import (
 )
 from workers.engine.layers import find_layers, remove_layers
 from workers.engine.types import EngineError, MethodOptions, PruneContext, PruneOutcome, SparsityBasis
+
+# Default compensation budget (token windows of the calibration length), chosen by measurement:
+# docs/benchmarks/layer-pruning.md, "Compensation tokens".
+COMPENSATION_SAMPLES = 32
 
 
 class LayerMethodOptions(MethodOptions):
@@ -50,7 +55,19 @@ class LayerMethodOptions(MethodOptions):
     compensation_refine_steps: int = Field(0, ge=0, le=1000, description="Adam refinement steps after the solve.")
     compensation_refine_lr: float = Field(1e-4, gt=0.0, le=1.0)
     compensation_heldout_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="Calibration share for validation.")
-    compensation_max_tokens: int = Field(16384, ge=16, description="Token rows used to fit one projection.")
+    compensation_samples: int = Field(
+        COMPENSATION_SAMPLES,
+        ge=1,
+        le=4096,
+        description=(
+            "Token windows used to fit the compensation: its own budget, larger than the scoring calibration, "
+            "drawn from the same source (the first N windows of the job's compensation data; without it the "
+            "calibration batch is used). Their normal equations are streamed, so memory does not grow with N."
+        ),
+    )
+    compensation_max_tokens: int = Field(
+        16384, ge=16, description="Token rows kept in memory for the Adam refinement (the closed-form fit streams all)."
+    )
     compensation_refit_all: bool = Field(
         True, description="Refit a projection that passed the held-out check on all calibration tokens."
     )
@@ -146,6 +163,18 @@ def one_shot_decisions(scores: dict[int, float], k: int, lowest_first: bool = Tr
     return sorted(removed), decisions
 
 
+def compensation_tokens(ctx: PruneContext, options: LayerMethodOptions) -> tuple[torch.Tensor, str]:
+    """The token windows compensation fits on, and where they came from (for the report)."""
+    data = ctx.compensation_data
+    if data is None:
+        return ctx.calibration, "calibration"
+    if data.ndim != 2 or data.shape[0] < 1 or data.shape[1] < 2:
+        raise EngineError(
+            "invalid_calibration", "Compensation data must be token ids of shape [n_samples, seq_len>=2]."
+        )
+    return data[: options.compensation_samples], "compensation_data"
+
+
 def run_layer_method(ctx: PruneContext, selector: Selector, name: str) -> PruneOutcome:
     """Select -> measure drift -> (compensate) -> remove, and build the common report."""
     options = ctx.options
@@ -182,17 +211,19 @@ def run_layer_method(ctx: PruneContext, selector: Selector, name: str) -> PruneO
 
     compensation_report: dict[str, Any] = {"enabled": False}
     if options.compensation:
+        comp_ids, source = compensation_tokens(ctx, options)
         started = time.perf_counter()
         ctx.progress("compensating", 0.0, "fitting projection compensation")
         compensation_report = compensate(
             model,
             keep,
-            calibration,
+            comp_ids,
             options.compensation_config(),
             shifts=shifts,
             progress=lambda f, m: ctx.progress("compensating", f, m),
             check_cancel=ctx.check_cancel,
         )
+        compensation_report["source"] = source
         timings["compensating"] = time.perf_counter() - started
         ctx.progress("compensating", 1.0, "kept" if compensation_report.get("kept") else "rejected")
         ctx.check_cancel()
