@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import platform
 import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import transformers
 
 from workers.engine.params import count_parameters
+from workers.engine.recovery import Alignment, RecoveryConfig, parse_recovery, recover, recovery_tokens, tokens_sha256
 from workers.engine.registry import get_method, parse_options
 from workers.engine.resources import PeakMemory
 from workers.engine.types import (
@@ -53,12 +57,29 @@ def prune(
     seed: int = 0,
     tokenizer: Any = None,
     recovery_data: torch.Tensor | None = None,
+    recovery: RecoveryConfig | dict[str, Any] | str | None = None,
+    recovery_texts: list[str] | None = None,
+    after_pruning: Callable[[PruneOutcome], None] | None = None,
 ) -> PruneOutcome:
-    """Prune `model` (in place) with a registered method and return it with its report."""
+    """Prune `model` (in place) with a registered method and return it with its report.
+
+    With `recovery`, the pruned (and compensated) model is then healed (`recovering` stage);
+    `recovery_texts` is the dataset for data=dataset/mix. `after_pruning(outcome)` runs between
+    pruning and recovery (the service evaluates the unrecovered model there).
+    """
     validate_target(target_sparsity, sparsity_basis)
     spec = get_method(method)
     opts = options if isinstance(options, MethodOptions) else parse_options(spec, options)
     seed_everything(seed)
+    setup = prepare_recovery(
+        model,
+        tokenizer,
+        parse_recovery(recovery),
+        recovery_texts,
+        seed=seed,
+        progress=progress,
+        should_cancel=should_cancel,
+    )
     before = count_parameters(model)
     ctx = PruneContext(
         model=model,
@@ -92,7 +113,77 @@ def prune(
         "versions": versions(),
     }
     outcome.report = report
+    if after_pruning is not None:
+        after_pruning(outcome)
+    if setup is not None:
+        apply_recovery(outcome, setup, progress=progress, should_cancel=should_cancel, seed=seed)
     return outcome
+
+
+@dataclass
+class RecoverySetup:
+    """What recovery needs from the dense model, taken before pruning changes it."""
+
+    config: RecoveryConfig
+    tokens: torch.Tensor
+    teacher: torch.nn.Module | None
+
+
+def prepare_recovery(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    config: RecoveryConfig | None,
+    texts: list[str] | None,
+    *,
+    seed: int = 0,
+    progress: ProgressFn = no_progress,
+    should_cancel: CancelCheck = never_cancel,
+) -> RecoverySetup | None:
+    """Sample/tokenise the training data and keep a frozen copy of the dense model as teacher."""
+    if config is None:
+        return None
+    if tokenizer is None and config.data != "dataset":
+        raise EngineError("invalid_recovery", "Self-generated recovery data needs the model's tokenizer.")
+    progress("recovering", 0.0, f"preparing {config.n_samples}x{config.seq_len} {config.data} recovery tokens")
+    tokens = recovery_tokens(config, model, tokenizer, texts, seed=seed, progress=progress, should_cancel=should_cancel)
+    teacher = None
+    if config.method == "distill":
+        teacher = copy.deepcopy(model).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    return RecoverySetup(config=config, tokens=tokens, teacher=teacher)
+
+
+def apply_recovery(
+    outcome: PruneOutcome,
+    setup: RecoverySetup,
+    *,
+    progress: ProgressFn = no_progress,
+    should_cancel: CancelCheck = never_cancel,
+    seed: int = 0,
+) -> None:
+    """Heal `outcome.model` in place of the outcome; the report gains `recovery` (with its data fingerprint)."""
+    report = outcome.report
+    alignment = Alignment(kept_layers=report.get("kept_layers"), removed_layers=report.get("removed_layers"))
+    progress("recovering", 0.0, f"{setup.config.method} ({setup.config.train}), {setup.config.planned_steps} steps")
+    outcome.model, summary = recover(
+        outcome.model,
+        setup.teacher,
+        setup.tokens,
+        setup.config,
+        alignment=alignment,
+        progress=progress,
+        should_cancel=should_cancel,
+        seed=seed,
+    )
+    if "recovery" in report:  # the method's own recovery option (LLM-Pruner) keeps its record
+        report["method_recovery"] = report.pop("recovery")
+    report["recovery"] = {
+        **summary,
+        "data_shape": list(setup.tokens.shape),
+        "data_tokens_sha256": tokens_sha256(setup.tokens),
+    }
+    progress("recovering", 1.0, None)
 
 
 def plan(
