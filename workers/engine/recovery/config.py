@@ -32,15 +32,18 @@ class RecoveryConfig(BaseModel):
     )
     dataset_id: str | None = Field(None, min_length=1, max_length=64, description="Dataset for data=dataset/mix.")
     mix_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Share of self-generated sequences with data=mix.")
-    n_samples: int = Field(48, ge=1, le=100_000, description="Training sequences (the data is cycled over).")
+    n_samples: int = Field(64, ge=1, le=100_000, description="Training sequences (the data is cycled over).")
     seq_len: int = Field(128, ge=8, le=8192)
-    steps: int = Field(60, ge=0, le=1_000_000, description="Optimiser steps.")
+    # Default budget: ~10 min for SmolLM2-135M on one CPU core (docs/benchmarks/recovery.md).
+    steps: int = Field(30, ge=0, le=1_000_000, description="Optimiser steps.")
     max_tokens: int | None = Field(None, ge=1, description="Stop once this many tokens were trained on.")
-    lr: float = Field(2e-4, ge=0.0, le=1.0, description="Peak learning rate (0 leaves the weights unchanged).")
+    lr: float | None = Field(
+        None, ge=0.0, le=1.0, description="Peak learning rate (default: 5e-4 lora, 5e-5 blocks; 0 changes nothing)."
+    )
     schedule: Literal["constant", "cosine", "linear"] = Field("cosine", description="Decay after the warmup.")
-    warmup_steps: int = Field(5, ge=0, le=1_000_000)
+    warmup_steps: int = Field(3, ge=0, le=1_000_000)
     batch_size: int = Field(4, ge=1, le=4096, description="Sequences per optimiser step.")
-    micro_batch_size: int = Field(2, ge=1, le=4096, description="Sequences per forward (gradient accumulation).")
+    micro_batch_size: int = Field(4, ge=1, le=4096, description="Sequences per forward (gradient accumulation).")
     temperature: float = Field(1.0, gt=0.0, le=100.0, description="Softening of both distributions for distill.")
     hidden_weight: float = Field(
         0.0, ge=0.0, le=1e3, description="Weight of an MSE term between hidden states at aligned layers (distill)."
@@ -62,6 +65,12 @@ class RecoveryConfig(BaseModel):
         if self.train == "lora" and self.blocks != "around_cuts":
             raise ValueError("blocks applies only to train='blocks'")
         return self
+
+    @property
+    def effective_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 5e-4 if self.train == "lora" else 5e-5
 
     @property
     def tokens_per_step(self) -> int:

@@ -128,7 +128,7 @@ def recover(
     generator = torch.Generator().manual_seed(seed)
     order, cursor = torch.randperm(tokens.shape[0], generator=generator), 0
     model, trainable = _prepare(student, config, blocks)
-    optimiser = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    optimiser = torch.optim.AdamW(trainable, lr=config.effective_lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_factor(config, total))
     if teacher is not None:
         teacher.eval()
