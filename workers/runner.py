@@ -152,21 +152,41 @@ def _execute(
     evaluation = spec.get("evaluation")
     dense_eval = _evaluate(model, tokenizer, evaluation, spec, tenant_id, settings, state, dense=True)
 
-    outcome = pipeline.prune(
-        model,
-        calibration,
-        method=spec["method"],
-        target_sparsity=spec["target_sparsity"],
-        sparsity_basis=spec["sparsity_basis"],
-        options=spec["options"],
-        progress=state.progress,
-        should_cancel=state.should_cancel,
-        seed=spec.get("seed", 0),
-        tokenizer=tokenizer,
-    )
+    stages: dict[str, Any] = {}
+    recovery = spec.get("recovery")
+    recovery_texts = None
+    if recovery and recovery.get("dataset_id"):
+        dataset = _dataset(recovery["dataset_id"], tenant_id, settings, state.sessions)
+        recovery_texts = read_calibration_file(settings.data_dir / dataset.path)
+    common: dict[str, Any] = {
+        "method": spec["method"],
+        "sparsity_basis": spec["sparsity_basis"],
+        "options": spec["options"],
+        "progress": state.progress,
+        "should_cancel": state.should_cancel,
+        "seed": spec.get("seed", 0),
+        "tokenizer": tokenizer,
+        "recovery": recovery,
+        "recovery_texts": recovery_texts,
+    }
+    if spec.get("target"):
+        measure = _target_measure(spec["target"], tokenizer, tenant_id, settings, state)
+        outcome = pipeline.search(model, calibration, target=spec["target"], measure=measure, **common)
+    else:
+
+        def evaluate_unrecovered(pruned: Any) -> None:
+            # Dense -> pruned (+ compensated) -> recovered: the middle step is only distinct with recovery.
+            if evaluation and recovery:
+                stages["after_pruning"] = _evaluate(
+                    pruned.model, tokenizer, evaluation, spec, tenant_id, settings, state, dense=False
+                )
+
+        outcome = pipeline.prune(
+            model, calibration, target_sparsity=spec["target_sparsity"], after_pruning=evaluate_unrecovered, **common
+        )
     if evaluation:
         pruned_eval = _evaluate(outcome.model, tokenizer, evaluation, spec, tenant_id, settings, state, dense=False)
-        outcome.report["evaluation"] = {"before": dense_eval, "after": pruned_eval}
+        outcome.report["evaluation"] = {"before": dense_eval, **stages, "after": pruned_eval}
     outcome.report["calibration"] = {**spec["calibration"], "tokens_sha256": tensor_sha256(calibration)}
 
     state.progress("saving", 0.0, "writing artifact")
@@ -205,6 +225,29 @@ def _calibration(
         )
     state.progress("calibrating", 1.0)
     return batch
+
+
+def _target_measure(
+    target: dict[str, Any], tokenizer: Any, tenant_id: str, settings: Settings, state: JobState
+) -> Any:
+    """The quality measure of a quality-targeted job (validated at submit: no overlap with training text)."""
+    from workers.engine.evaluation import builtin_text, tokenize_text
+    from workers.engine.search import perplexity_measure, zero_shot_measure
+
+    if target.get("max_perplexity_ratio") is None:
+        if settings.eval_data_dir is None:
+            raise EngineError("eval_data_missing", "Zero-shot targets need SLIMFORGE_EVAL_DATA_DIR on the server.")
+        return zero_shot_measure(tokenizer, target["tasks"], settings.eval_data_dir / "eval", target["limit"])
+    name = target["perplexity_set"]
+    if name.startswith("dataset:"):
+        dataset = _dataset(name.removeprefix("dataset:"), tenant_id, settings, state.sessions)
+        text = "\n\n".join(read_calibration_file(settings.data_dir / dataset.path))
+    else:
+        if settings.eval_data_dir is None:
+            raise EngineError("eval_data_missing", f"Perplexity set {name!r} needs SLIMFORGE_EVAL_DATA_DIR.")
+        text = builtin_text(name, settings.eval_data_dir)
+    ids = tokenize_text(tokenizer, text, target["eval_tokens"])
+    return perplexity_measure(ids, target["seq_len"])
 
 
 def tensor_sha256(tokens: torch.Tensor) -> str:

@@ -74,10 +74,18 @@ def _dry_run(body: JobCreate, spec: dict[str, Any], services: ServicesDep) -> di
     resolved = plan(
         config,
         method=body.method,
-        target_sparsity=body.target_sparsity,
+        # A quality-targeted job is planned at its most-pruned candidate.
+        target_sparsity=body.target_sparsity if body.target is None else body.target.max_sparsity,
         sparsity_basis=body.sparsity_basis,
         options=spec["options"],
     )
+    if body.target is not None:
+        resolved["quality_target"] = {**spec["target"], "plan_is_for": "the most-pruned candidate (max_sparsity)"}
+    if body.recovery is not None:
+        from workers.engine.recovery import estimate
+
+        params = resolved["parameters_after"]["total"]
+        resolved["recovery"] = {**spec["recovery"], **estimate(body.recovery, params, settings.device)}
     return {"dry_run": True, "model": body.model, "method": body.method, "plan": resolved, "spec": spec}
 
 

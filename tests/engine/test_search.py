@@ -75,9 +75,13 @@ def test_removal_order_is_prefix_consistent(tiny_llama):
 
 def test_no_candidate_meets_budget_is_a_clear_error(tiny_llama):
     with pytest.raises(EngineError) as caught:
-        search(tiny_llama, ids(), method="gradmap", target={"max_perplexity_ratio": 1.01}, measure=layer_count_measure())
+        search(
+            tiny_llama, ids(), method="gradmap", target={"max_perplexity_ratio": 1.01}, measure=layer_count_measure()
+        )
     assert caught.value.code == "target_unreachable"
-    assert "perplexity <= 1.01x dense" in caught.value.message and "size 1: perplexity_ratio 1.04" in caught.value.message
+    assert (
+        "perplexity <= 1.01x dense" in caught.value.message and "size 1: perplexity_ratio 1.04" in caught.value.message
+    )
 
 
 def test_width_method_searches_a_sparsity_grid(tiny_llama):
@@ -88,8 +92,15 @@ def test_width_method_searches_a_sparsity_grid(tiny_llama):
 
     target = {"min_zero_shot_accuracy": 0.5, "tasks": ["piqa"], "max_sparsity": 0.3, "sparsity_step": 0.1}
     options = {"layer_start": 0, "layer_end": 4}
-    outcome = search(tiny_llama, ids(), method="llm_pruner", sparsity_basis="parameters", target=target,
-                     measure=accuracy, options=options)
+    outcome = search(
+        tiny_llama,
+        ids(),
+        method="llm_pruner",
+        sparsity_basis="parameters",
+        target=target,
+        measure=accuracy,
+        options=options,
+    )
     q = outcome.report["quality_target"]
     assert q["chosen_size"] == 0.1 and [p["size"] for p in q["curve"]] == [0.1, 0.2]
     assert q["metric"] == "zero_shot_accuracy"
@@ -105,8 +116,13 @@ def test_target_needs_exactly_one_budget():
 
 
 def test_auto_keeps_the_selector_with_lowest_heldout_loss(tiny_llama):
-    outcome = prune(tiny_llama, ids(8), method="auto", target_sparsity=0.25,
-                    options={"selectors": ["gradmap", "shortgpt", "sleb"], "compensation": False})
+    outcome = prune(
+        tiny_llama,
+        ids(8),
+        method="auto",
+        target_sparsity=0.25,
+        options={"selectors": ["gradmap", "shortgpt", "sleb"], "compensation": False},
+    )
     auto = outcome.report["auto"]
     losses = {c["selector"]: c["heldout_loss"] for c in auto["candidates"]}
     assert set(losses) == {"gradmap", "shortgpt", "sleb"}
@@ -116,7 +132,12 @@ def test_auto_keeps_the_selector_with_lowest_heldout_loss(tiny_llama):
 
 
 def test_auto_skips_sleb_on_large_models(tiny_llama):
-    outcome = prune(tiny_llama, ids(8), method="auto", target_sparsity=0.25,
-                    options={"selectors": ["shortgpt", "sleb"], "sleb_max_parameters": 10})
+    outcome = prune(
+        tiny_llama,
+        ids(8),
+        method="auto",
+        target_sparsity=0.25,
+        options={"selectors": ["shortgpt", "sleb"], "sleb_max_parameters": 10},
+    )
     skipped = [c for c in outcome.report["auto"]["candidates"] if "skipped" in c]
     assert [c["selector"] for c in skipped] == ["sleb"]

@@ -181,7 +181,7 @@ def prepare_recovery(
         return None
     if tokenizer is None and config.data != "dataset":
         raise EngineError("invalid_recovery", "Self-generated recovery data needs the model's tokenizer.")
-    progress("recovering", 0.0, f"preparing {config.n_samples}x{config.seq_len} {config.data} recovery tokens")
+    progress("calibrating", 0.0, f"preparing {config.n_samples}x{config.seq_len} {config.data} recovery tokens")
     tokens = recovery_tokens(config, model, tokenizer, texts, seed=seed, progress=progress, should_cancel=should_cancel)
     teacher = None
     if config.method == "distill":

@@ -51,7 +51,7 @@ def recovery_tokens(
             n_generated,
             config.seq_len,
             seed=seed + _SEED_OFFSET,
-            progress=lambda _stage, fraction, message=None: progress("recovering", 0.0, message),
+            progress=lambda _stage, fraction, message=None: progress("calibrating", fraction, message),
             should_cancel=should_cancel,
         )
         dense_model.train(was_training)

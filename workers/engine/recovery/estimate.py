@@ -25,6 +25,10 @@ def estimate(config: RecoveryConfig, n_params: int, device: str = "cpu") -> dict
         generated = round(config.n_samples * config.mix_fraction)
     # Sampling text costs one forward per new token (with KV cache), batch-parallel.
     flops += generated * config.seq_len * 2 * n_params
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     kind = "cuda" if device.startswith("cuda") else "cpu"
     return {
         "steps": config.planned_steps,
