@@ -44,11 +44,12 @@ VARIANTS = {
 }
 
 
-def recovery_config(variant: str, args) -> RecoveryConfig:
-    data = {"data": "dataset", "dataset_id": "wikitext2-first-half"} if args.data == "wikitext2" else {}
+def recovery_config(variant: str, data_name: str, args) -> RecoveryConfig:
+    data = {"data": "dataset", "dataset_id": "wikitext2-first-half"} if data_name == "wikitext2" else {}
     return RecoveryConfig(
         **VARIANTS[variant],
         **data,
+        lr=args.lr,
         n_samples=args.samples,
         seq_len=args.seq_len,
         steps=args.steps,
@@ -71,12 +72,14 @@ def cmd_run(args) -> None:
         emit(out, {**base, "variant": "dense", **evaluate(model, tokenizer, streams, args)})
     variants = args.variants.split(",")
     # Recovery data and teacher are taken from the dense model once and shared by every variant.
-    setups: dict[str, RecoverySetup] = {}
-    for variant in variants:
-        if VARIANTS[variant] is not None:
-            setup = prepare_recovery(model, tokenizer, recovery_config(variant, args), [first_half], seed=0)
-            assert setup is not None
-            setups[variant] = setup
+    setups: dict[tuple[str, str], RecoverySetup] = {}
+    for data_name in args.data.split(","):
+        for variant in variants:
+            if VARIANTS[variant] is not None:
+                config = recovery_config(variant, data_name, args)
+                setup = prepare_recovery(model, tokenizer, config, [first_half], seed=0)
+                assert setup is not None
+                setups[(variant, data_name)] = setup
     basis = "parameters" if args.method == "llm_pruner" else "layers"
     options = json.loads(args.options)
     outcome = prune(model, calibration, method=args.method, target_sparsity=args.target,
@@ -87,19 +90,19 @@ def cmd_run(args) -> None:
         "achieved_sparsity": round(report["achieved_parameter_sparsity"], 5),
         "removed_layers": report.get("removed_layers"), "pruning_seconds": report["pruning_seconds"],
     }
-    for variant in variants:
+    if "none" in variants:
+        emit(out, {**pruned, "variant": "none", **evaluate(outcome.model, tokenizer, streams, args)})
+    for (variant, data_name), setup in setups.items():
         started = time.perf_counter()
-        if VARIANTS[variant] is None:
-            emit(out, {**pruned, "variant": "none", **evaluate(outcome.model, tokenizer, streams, args)})
-            continue
         trial = copy.copy(outcome)
         trial.model, trial.report = copy.deepcopy(outcome.model), dict(report)
-        apply_recovery(trial, setups[variant], seed=0)
+        apply_recovery(trial, setup, seed=0)
         rec = trial.report["recovery"]
         record = {
-            **pruned, "variant": variant, "recovery_seconds": rec["seconds"], "tokens_trained": rec["tokens_trained"],
+            **pruned, "data": data_name, "variant": variant,
+            "recovery_seconds": rec["seconds"], "tokens_trained": rec["tokens_trained"],
             "recovery_peak_memory": rec["peak_memory"], "trainable_parameters": rec["trainable_parameters"],
-            "loss_curve": rec["loss_curve"], "lr": setups[variant].config.effective_lr,
+            "loss_curve": rec["loss_curve"], "lr": setup.config.effective_lr,
             "variant_seconds": round(time.perf_counter() - started, 1),
         }
         emit(out, {**record, **evaluate(trial.model, tokenizer, streams, args)})
@@ -169,7 +172,8 @@ def main() -> None:
     run.add_argument("--method", default="gradmap")
     run.add_argument("--target", type=float, default=0.2)
     run.add_argument("--options", default="{}", help="method options as JSON")
-    run.add_argument("--data", choices=["wikitext2", "self_generated"], default="wikitext2")
+    run.add_argument("--data", default="wikitext2", help="recovery data: wikitext2, self_generated, or both (comma)")
+    run.add_argument("--lr", type=float, default=None, help="recovery learning rate (default: the engine's)")
     run.add_argument("--variants", default=",".join(VARIANTS))
     run.add_argument("--dense", action="store_true", help="also evaluate the dense model")
     run.add_argument("--samples", type=int, default=64, help="recovery sequences")
