@@ -127,22 +127,24 @@ def cmd_report(args) -> None:
         dense = next((r for r in rows if r["model"] == model and r["variant"] == "dense"), None)
         sub = [r for r in rows if (r["model"], r["method"], r["target"]) == (model, method, target)
                and r["variant"] != "dense"]
+        sub.sort(key=lambda r: (r["variant"] != "none", r["variant"], r["data"], r.get("lr", 0)))
         lines += [f"### {model}, {method} at {target:.0%} ({'parameters' if method == 'llm_pruner' else 'layers'})", "",
-                  "| recovery | data | wiki2 PPL (x dense) | PTB PPL (x dense) | tokens trained | recovery s "
+                  "| recovery | data | lr | wiki2 PPL (x dense) | PTB PPL (x dense) | tokens trained | recovery s "
                   "| peak RSS MiB | trainable params |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|"]
         if dense:
-            lines.append(f"| dense | - | {dense['ppl_wikitext2']:.2f} | {dense['ppl_ptb']:.2f} | - | - | - | - |")
+            lines.append(f"| dense | - | - | {dense['ppl_wikitext2']:.2f} | {dense['ppl_ptb']:.2f} | - | - | - | - |")
         labels, wiki, ptb = [], [], []
         for r in sub:
             data = "-" if r["variant"] == "none" else r["data"]
             lines.append(
-                f"| {r['variant']} | {data} | {r['ppl_wikitext2']:.2f}{_ratio(r, dense, 'ppl_wikitext2')} "
+                f"| {r['variant']} | {data} | {r.get('lr', '-')} "
+                f"| {r['ppl_wikitext2']:.2f}{_ratio(r, dense, 'ppl_wikitext2')} "
                 f"| {r['ppl_ptb']:.2f}{_ratio(r, dense, 'ppl_ptb')} | {r.get('tokens_trained', 0)} "
                 f"| {r.get('recovery_seconds', '-')} | {r.get('recovery_peak_memory', {}).get('peak_rss_mib', '-')} "
                 f"| {r.get('trainable_parameters', '-')} |"
             )
-            labels.append(r["variant"] if r["variant"] == "none" else f"{r['variant']}\n({r['data']})")
+            labels.append(r["variant"] if r["variant"] == "none" else f"{r['variant']}\n({r['data']}, lr {r['lr']:g})")
             scale = (dense["ppl_wikitext2"], dense["ppl_ptb"]) if dense else (1.0, 1.0)
             wiki.append(r["ppl_wikitext2"] / scale[0])
             ptb.append(r["ppl_ptb"] / scale[1])

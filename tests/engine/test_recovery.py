@@ -148,3 +148,34 @@ class _IdTokenizer:
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
         return {"input_ids": [ord(c) % 128 for c in text * 8]}
+
+
+def test_width_pruned_per_layer_model_recovers_and_reloads_identically(tiny_llama, tmp_path):
+    outcome = prune(
+        tiny_llama,
+        ids(4, 24, seed=3),
+        method="llm_pruner",
+        target_sparsity=0.15,
+        sparsity_basis="parameters",
+        options={"layer_start": 1, "layer_end": 3},
+        recovery={
+            "method": "distill",
+            "train": "blocks",
+            "data": "dataset",
+            "dataset_id": "d",
+            "n_samples": 4,
+            "seq_len": 24,
+            "steps": 3,
+            "batch_size": 2,
+            "micro_batch_size": 2,
+            "lr": 1e-3,
+        },
+        recovery_texts=["tokens"],
+        tokenizer=_IdTokenizer(),
+    )
+    assert outcome.report["artifact_format"] == "per_layer"
+    assert outcome.report["recovery"]["trained_blocks"] == [0, 1, 2, 3]  # width methods: every block
+    probe = ids(2, 16, seed=12)
+    outcome.save_model(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert torch.equal(logits(reloaded, probe), logits(outcome.model, probe))
