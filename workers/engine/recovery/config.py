@@ -43,7 +43,9 @@ class RecoveryConfig(BaseModel):
     schedule: Literal["constant", "cosine", "linear"] = Field("cosine", description="Decay after the warmup.")
     warmup_steps: int = Field(3, ge=0, le=1_000_000)
     batch_size: int = Field(4, ge=1, le=4096, description="Sequences per optimiser step.")
-    micro_batch_size: int = Field(4, ge=1, le=4096, description="Sequences per forward (gradient accumulation).")
+    micro_batch_size: int | None = Field(
+        None, ge=1, le=4096, description="Sequences per forward (gradient accumulation); default: min(batch, 4)."
+    )
     temperature: float = Field(1.0, gt=0.0, le=100.0, description="Softening of both distributions for distill.")
     hidden_weight: float = Field(
         0.0, ge=0.0, le=1e3, description="Weight of an MSE term between hidden states at aligned layers (distill)."
@@ -60,6 +62,8 @@ class RecoveryConfig(BaseModel):
             raise ValueError(f"data={self.data!r} needs a dataset_id")
         if self.data == "self_generated" and self.dataset_id is not None:
             raise ValueError("dataset_id is only used with data='dataset' or 'mix'")
+        if self.micro_batch_size is None:
+            self.micro_batch_size = min(self.batch_size, 4)
         if self.micro_batch_size > self.batch_size:
             raise ValueError("micro_batch_size must not exceed batch_size")
         if self.train == "lora" and self.blocks != "around_cuts":

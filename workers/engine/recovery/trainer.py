@@ -138,8 +138,9 @@ def recover(
             if should_cancel():
                 raise JobCancelled()
             step_loss = 0.0
-            for start in range(0, config.batch_size, config.micro_batch_size):
-                size = min(config.micro_batch_size, config.batch_size - start)
+            micro = config.micro_batch_size or config.batch_size  # set by the config's validator
+            for start in range(0, config.batch_size, micro):
+                size = min(micro, config.batch_size - start)
                 if cursor + size > order.numel():
                     order, cursor = torch.randperm(tokens.shape[0], generator=generator), 0
                 batch = tokens[order[cursor : cursor + min(size, order.numel())]].to(device)
