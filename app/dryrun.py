@@ -57,10 +57,11 @@ def _plan(body: JobCreate, spec: dict[str, Any], settings: Settings) -> dict[str
     path = config_path(body.model, settings.allowed_model_roots, settings.models_dir)
     config = load_config(path, body.model)
     try:
-        return plan(
+        resolved = plan(
             config,
             method=body.method,
-            target_sparsity=body.target_sparsity,
+            # A quality-targeted job is planned at its most-pruned candidate.
+            target_sparsity=body.target_sparsity if body.target is None else body.target.max_sparsity,
             sparsity_basis=body.sparsity_basis,
             options=spec["options"],
         )
@@ -68,6 +69,14 @@ def _plan(body: JobCreate, spec: dict[str, Any], settings: Settings) -> dict[str
         raise
     except Exception as exc:  # a config with missing or nonsensical sizes fails inside the planner
         raise _broken(body.model, f"planning failed with {type(exc).__name__}: {exc}") from None
+    if body.target is not None:
+        resolved["quality_target"] = {**spec["target"], "plan_is_for": "the most-pruned candidate (max_sparsity)"}
+    if body.recovery is not None:
+        from workers.engine.recovery import estimate
+
+        params = resolved["parameters_after"]["total"]
+        resolved["recovery"] = {**spec["recovery"], **estimate(body.recovery, params, settings.device)}
+    return resolved
 
 
 def dry_run(body: JobCreate, spec: dict[str, Any], settings: Settings) -> dict[str, Any]:

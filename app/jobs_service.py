@@ -76,6 +76,16 @@ def validate_job(body: JobCreate, session: Session, tenant_id: str, settings: Se
             raise ApiError(422, "webhook_url_not_allowed", f"The {exc}.") from None
     if isinstance(body.calibration, DatasetCalibration):
         _tenant_dataset(session, tenant_id, body.calibration.dataset_id)
+    if body.recovery is not None and body.recovery.dataset_id is not None:
+        _tenant_dataset(session, tenant_id, body.recovery.dataset_id)
+    if body.target is not None and not body.target.perplexity_set.startswith("dataset:"):
+        if settings.eval_data_dir is None and body.target.max_perplexity_ratio is not None:
+            raise ApiError(
+                422, "eval_data_missing", "target.perplexity_set needs SLIMFORGE_EVAL_DATA_DIR; use 'dataset:<id>'."
+            )
+    if body.target is not None and body.target.tasks and settings.eval_data_dir is None:
+        raise ApiError(422, "eval_data_missing", "target.tasks need SLIMFORGE_EVAL_DATA_DIR on the server.")
+    _refuse_overlap(body, evaluation, session, tenant_id, settings)
     spec = body.model_dump(mode="json")
     spec["options"] = options.model_dump(mode="json")
     spec["evaluation"] = evaluation
@@ -93,6 +103,45 @@ def check_hub_allowed(model_id: str, allowed: list[str]) -> None:
         f"Hugging Face model {model_id!r} is not in SLIMFORGE_ALLOWED_HUB_MODELS ({hint}); "
         "use a builtin: model or a local directory, or ask the operator to allow it.",
     )
+
+
+def _refuse_overlap(
+    body: JobCreate, evaluation: dict[str, Any] | None, session: Session, tenant_id: str, settings: Settings
+) -> None:
+    """422 when any evaluated text shares lines (by fingerprint) with calibration or recovery text."""
+    from workers.engine.calibration import read_calibration_file
+    from workers.engine.evaluation import builtin_text
+    from workers.engine.recovery.overlap import shared_lines
+
+    training: dict[str, Dataset] = {}
+    if isinstance(body.calibration, DatasetCalibration):
+        training["calibration"] = _tenant_dataset(session, tenant_id, body.calibration.dataset_id)
+    if body.recovery is not None and body.recovery.dataset_id is not None:
+        training["recovery"] = _tenant_dataset(session, tenant_id, body.recovery.dataset_id)
+    scored = list((evaluation or {}).get("perplexity", []))
+    if body.target is not None and body.target.max_perplexity_ratio is not None:
+        scored.append(body.target.perplexity_set)
+    if not training or not scored:
+        return
+    train_texts = {use: read_calibration_file(settings.data_dir / d.path) for use, d in training.items()}
+    for name in dict.fromkeys(scored):
+        if name.startswith("dataset:"):
+            dataset = _tenant_dataset(session, tenant_id, name.removeprefix("dataset:"))
+            same_file = [use for use, d in training.items() if d.sha256 == dataset.sha256]
+            texts = read_calibration_file(settings.data_dir / dataset.path)
+        else:
+            assert settings.eval_data_dir is not None  # checked above
+            same_file, texts = [], [builtin_text(name, settings.eval_data_dir)]
+        for use, train in train_texts.items():
+            shared = shared_lines(train, texts)
+            if shared or use in same_file:
+                raise ApiError(
+                    422,
+                    "evaluation_overlap",
+                    f"Evaluation text {name!r} overlaps the {use} data ({shared} shared lines"
+                    f"{', identical file' if use in same_file else ''}): a model must never be scored on text it "
+                    "was calibrated or trained on. Evaluate on held-out text.",
+                )
 
 
 def _tenant_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
@@ -145,7 +194,8 @@ def create_job(
         status="queued",
         model=body.model,
         method=body.method,
-        target_sparsity=body.target_sparsity,
+        # The column is NOT NULL; quality-targeted jobs keep their (absent) sparsity in the spec.
+        target_sparsity=body.target_sparsity if body.target_sparsity is not None else 0.0,
         sparsity_basis=body.sparsity_basis,
         spec=spec,
         idempotency_key=idempotency_key,

@@ -10,6 +10,8 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, WithJsonSchema, m
 from app.inputs import TEXT_WHITESPACE, control_char_error, non_finite_error
 from app.models import Job
 from workers.engine.evaluation.config import EvaluationConfig
+from workers.engine.recovery.config import RecoveryConfig
+from workers.engine.search.target import QualityTarget
 
 
 class Strict(BaseModel):
@@ -42,7 +44,13 @@ Evaluation = Annotated[
 class JobCreate(Strict):
     model: str = Field(min_length=1, max_length=512, examples=["builtin:smollm2-135m"])
     method: str = Field("gradmap", min_length=1, max_length=64)
-    target_sparsity: float = Field(gt=0.0, lt=1.0, description="fraction to remove, strictly between 0 and 1")
+    target_sparsity: float | None = Field(
+        None, gt=0.0, lt=1.0, description="fraction to remove, strictly between 0 and 1 (or give `target`)"
+    )
+    target: QualityTarget | None = Field(
+        None, description="instead of target_sparsity: the most-pruned model within this quality budget"
+    )
+    recovery: RecoveryConfig | None = Field(None, description="heal the pruned model (distillation or next-token)")
     sparsity_basis: Literal["layers", "parameters"] = "layers"
     calibration: Calibration = Field(default_factory=lambda: SelfGeneratedCalibration(source="self_generated"))
     options: dict[str, Any] = Field(default_factory=dict, description="method options (see GET /v1/methods)")
@@ -69,6 +77,12 @@ class JobCreate(Strict):
                     raise ValueError(f"{found}; use finite numbers")
         return data
 
+    @model_validator(mode="after")
+    def _one_size(self) -> JobCreate:
+        if (self.target_sparsity is None) == (self.target is None):
+            raise ValueError("give exactly one of target_sparsity and target")
+        return self
+
 
 class JobError(BaseModel):
     code: str
@@ -83,7 +97,9 @@ class JobOut(BaseModel):
     progress: float
     model: str
     method: str
-    target_sparsity: float
+    target_sparsity: float | None
+    target: dict[str, Any] | None
+    recovery: dict[str, Any] | None
     sparsity_basis: str
     calibration: dict[str, Any]
     options: dict[str, Any]
@@ -114,7 +130,9 @@ class JobOut(BaseModel):
             progress=round(job.progress, 2),
             model=job.model,
             method=job.method,
-            target_sparsity=job.target_sparsity,
+            target_sparsity=spec.get("target_sparsity", job.target_sparsity),
+            target=spec.get("target"),
+            recovery=spec.get("recovery"),
             sparsity_basis=job.sparsity_basis,
             calibration=spec.get("calibration", {}),
             options=spec.get("options", {}),

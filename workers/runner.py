@@ -204,40 +204,57 @@ def _execute(
 
     compensation_on = bool(spec["options"].get("compensation"))
     snapshot = WriterSnapshot(model) if compensation_on else None
+    stages: dict[str, Any] = {}
+    recovery = spec.get("recovery")
+    recovery_texts = None
+    if recovery and recovery.get("dataset_id"):
+        dataset = _dataset(recovery["dataset_id"], tenant_id, settings, state.sessions)
+        recovery_texts = read_calibration_file(settings.data_dir / dataset.path)
+    common: dict[str, Any] = {
+        "method": spec["method"],
+        "sparsity_basis": spec["sparsity_basis"],
+        "options": spec["options"],
+        "progress": state.progress,
+        "should_cancel": state.should_cancel,
+        "seed": spec.get("seed", 0),
+        "tokenizer": tokenizer,
+        "recovery": recovery,
+        "recovery_texts": recovery_texts,
+    }
 
-    def progress(stage: str, fraction: float, message: str | None = None) -> None:
-        # Recovery starts on the pruned model: the one point its quality is visible from outside.
-        if stage == "recovering" and "pruned" not in heldout.points:
-            with timer("heldout"):
-                heldout.measure("pruned", model)
-        state.progress(stage, fraction, message)
+    def after_pruning(pruned: Any) -> None:
+        # Dense -> pruned -> compensated -> recovered: measured here, before recovery changes weights.
+        with timer("heldout"):
+            if snapshot is not None and pruned.report.get("compensation", {}).get("kept"):
+                with snapshot.original(pruned.model):
+                    heldout.measure("pruned", pruned.model)
+                heldout.measure("compensated", pruned.model)
+            else:
+                heldout.measure("pruned", pruned.model)
+        if evaluation and recovery:
+            stages["after_pruning"] = _evaluate(
+                pruned.model, tokenizer, evaluation, spec, tenant_id, settings, state, dense=False
+            )
 
     with timer("pruning_total"):
-        outcome = pipeline.prune(
-            model,
-            calibration,
-            method=spec["method"],
-            target_sparsity=spec["target_sparsity"],
-            sparsity_basis=spec["sparsity_basis"],
-            options=spec["options"],
-            progress=progress,
-            should_cancel=state.should_cancel,
-            seed=spec.get("seed", 0),
-            tokenizer=tokenizer,
-        )
+        if spec.get("target"):
+            measure = _target_measure(spec["target"], tokenizer, tenant_id, settings, state)
+            outcome = pipeline.search(model, calibration, target=spec["target"], measure=measure, **common)
+        else:
+            outcome = pipeline.prune(
+                model, calibration, target_sparsity=spec["target_sparsity"], after_pruning=after_pruning, **common
+            )
+    snapshot = None  # release the copy of the original writer weights
     with timer("heldout"):
-        final = "recovered" if "recovery" in outcome.report else "pruned"
-        if snapshot is not None and outcome.report.get("compensation", {}).get("kept"):
-            with snapshot.original(outcome.model):
-                heldout.measure("pruned", outcome.model)
-            final = "compensated"
-        heldout.measure(final, outcome.model)
-    del snapshot
+        if "recovery" in outcome.report:
+            heldout.measure("recovered", outcome.model)
+        elif "pruned" not in heldout.points:  # a quality search publishes its chosen candidate
+            heldout.measure("pruned", outcome.model)
     outcome.report["heldout"] = heldout.report()
     if evaluation:
         with timer("evaluating_pruned"):
             pruned_eval = _evaluate(outcome.model, tokenizer, evaluation, spec, tenant_id, settings, state, dense=False)
-        outcome.report["evaluation"] = {"before": dense_eval, "after": pruned_eval}
+        outcome.report["evaluation"] = {"before": dense_eval, **stages, "after": pruned_eval}
     outcome.report["calibration"] = {**spec["calibration"], "tokens_sha256": tensor_sha256(calibration)}
 
     state.progress("saving", 0.0, "writing artifact")
@@ -335,6 +352,29 @@ def _calibration(
     )
     state.progress("calibrating", 1.0)
     return (*split_holdout(batch, n_heldout), True)
+
+
+def _target_measure(
+    target: dict[str, Any], tokenizer: Any, tenant_id: str, settings: Settings, state: JobState
+) -> Any:
+    """The quality measure of a quality-targeted job (validated at submit: no overlap with training text)."""
+    from workers.engine.evaluation import builtin_text, tokenize_text
+    from workers.engine.search import perplexity_measure, zero_shot_measure
+
+    if target.get("max_perplexity_ratio") is None:
+        if settings.eval_data_dir is None:
+            raise EngineError("eval_data_missing", "Zero-shot targets need SLIMFORGE_EVAL_DATA_DIR on the server.")
+        return zero_shot_measure(tokenizer, target["tasks"], settings.eval_data_dir / "eval", target["limit"])
+    name = target["perplexity_set"]
+    if name.startswith("dataset:"):
+        dataset = _dataset(name.removeprefix("dataset:"), tenant_id, settings, state.sessions)
+        text = "\n\n".join(read_calibration_file(settings.data_dir / dataset.path))
+    else:
+        if settings.eval_data_dir is None:
+            raise EngineError("eval_data_missing", f"Perplexity set {name!r} needs SLIMFORGE_EVAL_DATA_DIR.")
+        text = builtin_text(name, settings.eval_data_dir)
+    ids = tokenize_text(tokenizer, text, target["eval_tokens"])
+    return perplexity_measure(ids, target["seq_len"])
 
 
 def tensor_sha256(tokens: torch.Tensor) -> str:

@@ -3,12 +3,19 @@
 Method options become flags automatically: a field `importance` of a method's options model is
 `--importance VALUE`, a bool field `compensation` is `--compensation/--no-compensation`, a list
 field takes comma-separated values.
+
+`--recovery distill` (or `next_token`) heals the pruned model afterwards (default: LoRA on text the
+dense model generates itself; `--recovery-data FILE` trains on a file instead). Instead of
+`--sparsity`, `--max-perplexity-ratio 1.3` finds the most-pruned model within that budget on
+`--target-text` (a file, or wikitext2/ptb under --eval-data-dir), which must not overlap the
+calibration or recovery text.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -28,6 +35,11 @@ FIXED_FLAGS = {
     "dtype",
     "recovery_data",
     "model_root",
+    # The recovery stage's flags (they supersede LLM-Pruner's own LoRA option of the same names).
+    "recovery",
+    "recovery_steps",
+    "recovery_train",
+    "recovery_options",
 }
 
 
@@ -64,7 +76,11 @@ def add_prune_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--model", required=True, help="builtin:<name>, a Hugging Face id, or a local directory")
     parser.add_argument("--method", default="gradmap", choices=sorted(all_methods()))
-    parser.add_argument("--sparsity", type=float, required=True, help="target sparsity, 0 < s < 1")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--sparsity", type=float, help="target sparsity, 0 < s < 1")
+    target.add_argument(
+        "--max-perplexity-ratio", type=float, help="instead of --sparsity: most pruning with ppl <= this x dense"
+    )
     parser.add_argument("--basis", choices=["layers", "parameters"], default="layers")
     parser.add_argument(
         "--calibration",
@@ -74,7 +90,27 @@ def add_prune_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--n-samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--recovery-data", type=Path, default=None, help="text for an optional recovery step")
+    parser.add_argument("--recovery-data", type=Path, default=None, help=".txt/.jsonl text for recovery")
+    parser.add_argument(
+        "--recovery", choices=["distill", "next_token"], default=None, help="heal the pruned model (recovering stage)"
+    )
+    parser.add_argument("--recovery-train", choices=["lora", "blocks"], default="lora")
+    parser.add_argument("--recovery-steps", type=int, default=None, help="optimiser steps (default: the budget's)")
+    parser.add_argument(
+        "--recovery-options",
+        default="{}",
+        help='other recovery fields as JSON, e.g. \'{"lr": 1e-4, "n_samples": 128}\'',
+    )
+    parser.add_argument(
+        "--target-text", default="wikitext2", help="text of --max-perplexity-ratio: a file, wikitext2 or ptb"
+    )
+    parser.add_argument(
+        "--eval-data-dir",
+        type=Path,
+        default=os.environ.get("SLIMFORGE_EVAL_DATA_DIR"),
+        help="shared data root with the built-in texts (default: $SLIMFORGE_EVAL_DATA_DIR)",
+    )
+    parser.add_argument("--max-search-sparsity", type=float, default=0.5, help="most-pruned candidate searched")
     parser.add_argument("--out", type=Path, required=True, help="artifact directory to write (must not exist)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -133,6 +169,42 @@ class TqdmProgress:
             self.bar.close()
 
 
+def _recovery_spec(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.recovery is None:
+        return None
+    spec: dict[str, Any] = {"method": args.recovery, "train": args.recovery_train, **json.loads(args.recovery_options)}
+    if args.recovery_steps is not None:
+        spec["steps"] = args.recovery_steps
+    if args.recovery_data is not None:
+        spec.setdefault("data", "dataset")
+        spec.setdefault("dataset_id", args.recovery_data.name[:64])
+    return spec
+
+
+def _target_text(args: argparse.Namespace) -> str:
+    from workers.engine.evaluation import BUILTIN_TEXTS, builtin_text
+    from workers.engine.types import EngineError
+
+    if args.target_text in BUILTIN_TEXTS:
+        if args.eval_data_dir is None:
+            raise EngineError("eval_data_missing", f"--target-text {args.target_text} needs --eval-data-dir.")
+        return builtin_text(args.target_text, args.eval_data_dir)
+    return Path(args.target_text).read_text(encoding="utf-8")
+
+
+def _check_overlap(training: list[str], evaluation: str) -> None:
+    from workers.engine.recovery.overlap import shared_lines
+    from workers.engine.types import EngineError
+
+    shared = shared_lines(training, [evaluation])
+    if shared:
+        raise EngineError(
+            "evaluation_overlap",
+            f"--target-text shares {shared} lines with the calibration/recovery text: the budget would be measured "
+            "on training data. Use held-out text.",
+        )
+
+
 def run_prune(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -149,6 +221,12 @@ def run_prune(args: argparse.Namespace) -> int:
     progress = TqdmProgress()
     try:
         options = _collect_options(args, args.method)
+        recovery_spec = _recovery_spec(args)
+        calibration_texts = read_calibration_file(args.calibration) if args.calibration is not None else []
+        recovery_texts = read_calibration_file(args.recovery_data) if args.recovery_data is not None else None
+        target_text = _target_text(args) if args.max_perplexity_ratio is not None else None
+        if target_text is not None:
+            _check_overlap(calibration_texts + (recovery_texts or []), target_text)
         device = pick_device(args.device)
         # The CLI is run by the operator: a local model directory given here is allowed as is.
         roots = [Path(args.model).expanduser()] if args.model.startswith(("/", ".", "~")) else []
@@ -162,29 +240,40 @@ def run_prune(args: argparse.Namespace) -> int:
         )
         progress("loading_model", 1.0)
         if args.calibration is not None:
-            texts = read_calibration_file(args.calibration)
-            calibration = token_batches(tokenizer, texts, args.n_samples, args.seq_len, seed=args.seed)
+            calibration = token_batches(tokenizer, calibration_texts, args.n_samples, args.seq_len, seed=args.seed)
         else:
             calibration = self_generated_batches(
                 model, tokenizer, args.n_samples, args.seq_len, seed=args.seed, progress=progress
             )
         recovery = None
-        if args.recovery_data is not None:
-            recovery = token_batches(
-                tokenizer, read_calibration_file(args.recovery_data), args.n_samples, args.seq_len, seed=args.seed
+        if recovery_texts is not None:
+            recovery = token_batches(tokenizer, recovery_texts, args.n_samples, args.seq_len, seed=args.seed)
+        common: dict[str, Any] = {
+            "method": args.method,
+            "sparsity_basis": args.basis,
+            "options": options,
+            "progress": progress,
+            "seed": args.seed,
+            "tokenizer": tokenizer,
+            "recovery": recovery_spec,
+            "recovery_texts": recovery_texts,
+        }
+        if target_text is not None:
+            from workers.engine.evaluation import tokenize_text
+            from workers.engine.search import QualityTarget, perplexity_measure
+
+            target = QualityTarget(
+                max_perplexity_ratio=args.max_perplexity_ratio,
+                perplexity_set="dataset:cli" if args.target_text not in ("wikitext2", "ptb") else args.target_text,
+                max_sparsity=args.max_search_sparsity,
             )
-        outcome = pipeline.prune(
-            model,
-            calibration,
-            method=args.method,
-            target_sparsity=args.sparsity,
-            sparsity_basis=args.basis,
-            options=options,
-            progress=progress,
-            seed=args.seed,
-            tokenizer=tokenizer,
-            recovery_data=recovery,
-        )
+            ids = tokenize_text(tokenizer, target_text, target.eval_tokens)
+            measure = perplexity_measure(ids, target.seq_len)
+            outcome = pipeline.search(model, calibration, target=target, measure=measure, **common)
+        else:
+            outcome = pipeline.prune(
+                model, calibration, target_sparsity=args.sparsity, recovery_data=recovery, **common
+            )
         outcome.report["calibration"] = {
             "source": str(args.calibration or "self_generated"),
             "n_samples": args.n_samples,
@@ -207,6 +296,12 @@ def run_prune(args: argparse.Namespace) -> int:
         for k in ("method", "removed_layers", "parameters_before", "parameters_after", "pruning_seconds")
         if k in outcome.report
     }
+    if "recovery" in outcome.report:
+        rec = outcome.report["recovery"]
+        summary["recovery"] = {k: rec.get(k) for k in ("method", "train", "steps_run", "tokens_trained", "seconds")}
+    if "quality_target" in outcome.report:
+        q = outcome.report["quality_target"]
+        summary["quality_target"] = {k: q[k] for k in ("chosen_size", "chosen_value", "curve")}
     summary["out"] = str(args.out)
     summary["files"] = len(files)
     print(json.dumps(summary, indent=2))

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 import platform
 import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import transformers
 
+from workers.engine.layer_budget import profile_model, resolve_k
 from workers.engine.params import count_parameters
+from workers.engine.recovery import Alignment, RecoveryConfig, parse_recovery, recover, recovery_tokens, tokens_sha256
 from workers.engine.registry import get_method, parse_options
 from workers.engine.resources import PeakMemory
+from workers.engine.search import ProbeResult, QualityTarget, largest_passing, no_candidate_error
+from workers.engine.search.layers import fixed_removal, removal_order
+from workers.engine.search.measure import Measure
 from workers.engine.types import (
     CancelCheck,
     EngineError,
@@ -54,16 +62,34 @@ def prune(
     tokenizer: Any = None,
     recovery_data: torch.Tensor | None = None,
     compensation_data: torch.Tensor | None = None,
+    recovery: RecoveryConfig | dict[str, Any] | str | None = None,
+    recovery_texts: list[str] | None = None,
+    after_pruning: Callable[[PruneOutcome], None] | None = None,
 ) -> PruneOutcome:
-    """Prune `model` (in place) with a registered method and return it with its report."""
+    """Prune `model` (in place) with a registered method and return it with its report.
+
+    With `recovery`, the pruned (and compensated) model is then healed (`recovering` stage);
+    `recovery_texts` is the dataset for data=dataset/mix. `after_pruning(outcome)` runs between
+    pruning and recovery (the service evaluates the unrecovered model there).
+    """
     validate_target(target_sparsity, sparsity_basis)
     spec = get_method(method)
     opts = options if isinstance(options, MethodOptions) else parse_options(spec, options)
     seed_everything(seed)
-    before = count_parameters(model)
-    ctx = PruneContext(
-        model=model,
-        calibration=calibration,
+    setup = prepare_recovery(
+        model,
+        tokenizer,
+        parse_recovery(recovery),
+        recovery_texts,
+        seed=seed,
+        progress=progress,
+        should_cancel=should_cancel,
+    )
+    outcome = run_method(
+        spec.run,
+        model,
+        calibration,
+        method=method,
         target_sparsity=target_sparsity,
         sparsity_basis=sparsity_basis,
         options=opts,
@@ -74,13 +100,51 @@ def prune(
         recovery_data=recovery_data,
         compensation_data=compensation_data,
     )
+    if after_pruning is not None:
+        after_pruning(outcome)
+    if setup is not None:
+        apply_recovery(outcome, setup, progress=progress, should_cancel=should_cancel, seed=seed)
+    return outcome
+
+
+def run_method(
+    run: Callable[[PruneContext], PruneOutcome],
+    model: torch.nn.Module,
+    calibration: torch.Tensor,
+    *,
+    method: str,
+    target_sparsity: float,
+    sparsity_basis: SparsityBasis,
+    options: MethodOptions,
+    progress: ProgressFn = no_progress,
+    should_cancel: CancelCheck = never_cancel,
+    seed: int = 0,
+    tokenizer: Any = None,
+    recovery_data: torch.Tensor | None = None,
+    compensation_data: torch.Tensor | None = None,
+) -> PruneOutcome:
+    """Run one method body on `model` and add the common report fields (parameters, time, memory)."""
+    before = count_parameters(model)
+    ctx = PruneContext(
+        model=model,
+        calibration=calibration,
+        target_sparsity=target_sparsity,
+        sparsity_basis=sparsity_basis,
+        options=options,
+        progress=progress,
+        should_cancel=should_cancel,
+        seed=seed,
+        tokenizer=tokenizer,
+        recovery_data=recovery_data,
+        compensation_data=compensation_data,
+    )
     started = time.perf_counter()
     with PeakMemory() as memory:
-        outcome = spec.run(ctx)
+        outcome = run(ctx)
     after = count_parameters(outcome.model)
     report = {
         "method": method,
-        "options": opts.model_dump(mode="json"),
+        "options": options.model_dump(mode="json"),
         "target_sparsity": target_sparsity,
         "sparsity_basis": sparsity_basis,
         "seed": seed,
@@ -94,6 +158,203 @@ def prune(
         "versions": versions(),
     }
     outcome.report = report
+    return outcome
+
+
+@dataclass
+class RecoverySetup:
+    """What recovery needs from the dense model, taken before pruning changes it."""
+
+    config: RecoveryConfig
+    tokens: torch.Tensor
+    teacher: torch.nn.Module | None
+
+
+def prepare_recovery(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    config: RecoveryConfig | None,
+    texts: list[str] | None,
+    *,
+    seed: int = 0,
+    progress: ProgressFn = no_progress,
+    should_cancel: CancelCheck = never_cancel,
+) -> RecoverySetup | None:
+    """Sample/tokenise the training data and keep a frozen copy of the dense model as teacher."""
+    if config is None:
+        return None
+    if tokenizer is None and config.data != "dataset":
+        raise EngineError("invalid_recovery", "Self-generated recovery data needs the model's tokenizer.")
+    progress("calibrating", 0.0, f"preparing {config.n_samples}x{config.seq_len} {config.data} recovery tokens")
+    tokens = recovery_tokens(config, model, tokenizer, texts, seed=seed, progress=progress, should_cancel=should_cancel)
+    teacher = None
+    if config.method == "distill":
+        teacher = copy.deepcopy(model).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    return RecoverySetup(config=config, tokens=tokens, teacher=teacher)
+
+
+def apply_recovery(
+    outcome: PruneOutcome,
+    setup: RecoverySetup,
+    *,
+    progress: ProgressFn = no_progress,
+    should_cancel: CancelCheck = never_cancel,
+    seed: int = 0,
+) -> None:
+    """Heal `outcome.model` in place of the outcome; the report gains `recovery` (with its data fingerprint)."""
+    report = outcome.report
+    alignment = Alignment(kept_layers=report.get("kept_layers"), removed_layers=report.get("removed_layers"))
+    progress("recovering", 0.0, f"{setup.config.method} ({setup.config.train}), {setup.config.planned_steps} steps")
+    outcome.model, summary = recover(
+        outcome.model,
+        setup.teacher,
+        setup.tokens,
+        setup.config,
+        alignment=alignment,
+        progress=progress,
+        should_cancel=should_cancel,
+        seed=seed,
+    )
+    if "recovery" in report:  # the method's own recovery option (LLM-Pruner) keeps its record
+        report["method_recovery"] = report.pop("recovery")
+    report["recovery"] = {
+        **summary,
+        "data_shape": list(setup.tokens.shape),
+        "data_tokens_sha256": tokens_sha256(setup.tokens),
+    }
+    progress("recovering", 1.0, None)
+
+
+def search(
+    model: torch.nn.Module,
+    calibration: torch.Tensor,
+    *,
+    method: str,
+    target: QualityTarget | dict[str, Any],
+    measure: Measure,
+    sparsity_basis: SparsityBasis = "layers",
+    options: dict[str, Any] | MethodOptions | None = None,
+    progress: ProgressFn = no_progress,
+    should_cancel: CancelCheck = never_cancel,
+    seed: int = 0,
+    tokenizer: Any = None,
+    recovery: RecoveryConfig | dict[str, Any] | str | None = None,
+    recovery_texts: list[str] | None = None,
+) -> PruneOutcome:
+    """The most-pruned model whose quality (`measure`, on held-out text) stays within `target`.
+
+    Layer methods: one selector run at the largest size gives the removal order; each probe
+    removes a prefix of it, compensates (as the options say) and recovers (when asked). Width
+    methods: each probe prunes afresh at a parameter sparsity of the grid. `model` stays dense.
+    """
+    target = target if isinstance(target, QualityTarget) else QualityTarget.model_validate(target)
+    spec = get_method(method)
+    opts = options if isinstance(options, MethodOptions) else parse_options(spec, options)
+    seed_everything(seed)
+    started = time.perf_counter()
+    setup = prepare_recovery(
+        model,
+        tokenizer,
+        parse_recovery(recovery),
+        recovery_texts,
+        seed=seed,
+        progress=progress,
+        should_cancel=should_cancel,
+    )
+    progress("evaluating", 0.0, "measuring the dense model")
+    dense_value = measure(model)
+    common = {"progress": progress, "should_cancel": should_cancel, "seed": seed, "tokenizer": tokenizer}
+    order: list[int] | None = None
+    if spec.kind == "layer":
+        n_layers = profile_model(model).n_layers
+        k_max = resolve_k(profile_model(model), target.max_sparsity, "layers")
+        # The order needs no compensation: each probe compensates its own prefix.
+        unfitted = opts.model_copy(update={"compensation": False})
+        ordering = run_method(
+            spec.run,
+            copy.deepcopy(model),
+            calibration,
+            method=method,
+            target_sparsity=k_max / n_layers,
+            sparsity_basis="layers",
+            options=unfitted,
+            **common,
+        )
+        order = removal_order(ordering.report)
+        del ordering
+        candidates: list[float] = list(range(1, k_max + 1))
+
+        def build(size: float) -> PruneOutcome:
+            return run_method(
+                fixed_removal(order or [], method),
+                copy.deepcopy(model),
+                calibration,
+                method=method,
+                target_sparsity=size / n_layers,
+                sparsity_basis="layers",
+                options=opts,
+                **common,
+            )
+    else:
+        steps = int(target.max_sparsity / target.sparsity_step + 1e-9)
+        candidates = [round(target.sparsity_step * i, 6) for i in range(1, steps + 1)]
+
+        def build(size: float) -> PruneOutcome:
+            return run_method(
+                spec.run,
+                copy.deepcopy(model),
+                calibration,
+                method=method,
+                target_sparsity=size,
+                sparsity_basis="parameters",
+                options=opts,
+                **common,
+            )
+
+    best: dict[str, PruneOutcome] = {}
+
+    def probe(size: float) -> ProbeResult:
+        probe_started = time.perf_counter()
+        outcome = build(size)
+        if setup is not None:
+            apply_recovery(outcome, setup, progress=progress, should_cancel=should_cancel, seed=seed)
+        raw = measure(outcome.model)
+        value = raw / dense_value if target.max_perplexity_ratio is not None else raw
+        result = ProbeResult(
+            size=size,
+            value=value,
+            meets=target.meets(value),
+            extra={
+                "metric_raw": round(raw, 5),
+                "parameters_after": outcome.report["parameters_after"]["total"],
+                "achieved_parameter_sparsity": round(outcome.report["achieved_parameter_sparsity"], 5),
+                "seconds": round(time.perf_counter() - probe_started, 3),
+            },
+        )
+        progress("scoring", 0.0, f"probe size {size:g}: {target.metric} {value:.4g}")
+        if result.meets and ("chosen" not in best or size > best["chosen"].report["search_size"]):
+            outcome.report["search_size"] = size
+            best["chosen"] = outcome
+        return result
+
+    found = largest_passing(candidates, probe, full=target.full_curve)
+    if found.chosen is None:
+        raise no_candidate_error(target.budget(), found.curve, target.metric)
+    outcome = best["chosen"]
+    outcome.report.pop("search_size")
+    outcome.report["quality_target"] = {
+        **target.model_dump(mode="json"),
+        "metric": target.metric,
+        "dense_value": round(dense_value, 5),
+        "chosen_size": found.chosen.size,
+        "chosen_value": round(found.chosen.value, 5),
+        "curve": [p.to_json() for p in found.curve],
+        "probes": len(found.curve),
+        "removal_order": order,
+        "search_seconds": round(time.perf_counter() - started, 3),
+    }
     return outcome
 
 

@@ -33,8 +33,9 @@ def register(method: Method) -> Method:
 
 
 def _load_builtin_methods() -> None:
-    # Importing the package registers every built-in method exactly once.
+    # Importing the packages registers every built-in method exactly once.
     import workers.engine.methods  # noqa: F401
+    import workers.engine.search.auto  # noqa: F401
 
 
 def get_method(name: str) -> Method:

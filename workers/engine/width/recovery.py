@@ -1,8 +1,6 @@
-"""Optional LoRA recovery after pruning (LLM-Pruner §3.3), merged back into the weights.
+"""LLM-Pruner's own `recovery` option: next-token LoRA on the recovery data, via the recovery engine.
 
-Adapters go on every attention and MLP projection; only they train, on next-token loss over
-token windows of the recovery data. The merged model has exactly the pruned shapes again, so the
-artifact needs no peft at load time.
+Kept as the method option it always was; the training itself is `workers.engine.recovery`.
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from workers.engine.recovery import RecoveryConfig, recover
 
 
 @dataclass
@@ -45,43 +43,22 @@ def lora_recover(
     seed: int,
     on_step: Callable[[int, int, float], None],
 ) -> tuple[nn.Module, RecoveryResult]:
-    """Train LoRA adapters for `steps` optimiser steps and merge them; returns the merged model."""
-    import time
-
-    from peft import LoraConfig, get_peft_model
-
-    started = time.perf_counter()
-    device = next(model.parameters()).device
+    """Train LoRA adapters for `steps` optimiser steps at a constant rate and merge them."""
     batches = windows(data, seq_len)
-    generator = torch.Generator().manual_seed(seed)
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none")
-    peft_model = get_peft_model(model, config)
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    # Adapters train in fp32 even when the base model is half precision.
-    for p in trainable:
-        p.data = p.data.float()
-    optimiser = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    peft_model.train()
-    result = RecoveryResult(steps=steps)
-    order = torch.randperm(batches.shape[0], generator=generator)
-    cursor = 0
-    for step in range(steps):
-        if cursor + batch_size > order.numel():
-            order, cursor = torch.randperm(batches.shape[0], generator=generator), 0
-        idx = order[cursor : cursor + batch_size]
-        cursor += batch_size
-        batch = batches[idx].to(device)
-        loss = peft_model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimiser.step()
-        optimiser.zero_grad(set_to_none=True)
-        result.losses.append(round(float(loss.detach()), 5))
-        on_step(step + 1, steps, result.losses[-1])
-    peft_model.eval()
-    merged = peft_model.merge_and_unload()
-    for name, p in merged.named_parameters():
-        p.requires_grad_(flags.get(name, False))
-    result.seconds = round(time.perf_counter() - started, 3)
-    return merged, result
+    config = RecoveryConfig(
+        method="next_token",
+        train="lora",
+        n_samples=batches.shape[0],
+        seq_len=batches.shape[1],
+        steps=steps,
+        lr=lr,
+        schedule="constant",
+        warmup_steps=0,
+        batch_size=batch_size,
+        micro_batch_size=batch_size,
+        lora_r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+    )
+    merged, report = recover(model, None, batches, config, seed=seed, on_step=on_step)
+    return merged, RecoveryResult(steps=steps, losses=report["loss_curve"], seconds=report["seconds"])

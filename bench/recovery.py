@@ -1,0 +1,203 @@
+"""Benchmark recovery after pruning: none vs next-token LoRA vs distillation (LoRA, full blocks).
+
+Run one pruned configuration and its recovery variants (results appended to --out as JSON lines):
+  OMP_NUM_THREADS=1 nice -n 19 python bench/recovery.py run --model builtin:smollm2-135m \
+      --method gradmap --target 0.2 --data wikitext2 --variants none,next_token_lora,distill_lora,distill_blocks \
+      --out docs/benchmarks/recovery-results.jsonl
+Table and plot from the result file(s):
+  python bench/recovery.py report docs/benchmarks/recovery-results.jsonl --md docs/benchmarks/recovery-tables.md \
+      --png docs/benchmarks/recovery.png
+
+Data split: calibration and WikiText-2 recovery windows come from the first half of
+wikitext2-valid.txt; perplexity is measured on the second half and on PTB test, which no run
+trains on. Self-generated recovery text is sampled from the dense model (data-free).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from width_pruning import CACHE, DATA, emit, eval_streams, evaluate, with_bos  # noqa: E402
+
+from workers.engine.calibration import token_batches  # noqa: E402
+from workers.engine.modelzoo import load_model  # noqa: E402
+from workers.engine.pipeline import RecoverySetup, apply_recovery, prepare_recovery, prune  # noqa: E402
+from workers.engine.recovery import RecoveryConfig  # noqa: E402
+
+# variant -> recovery config fields (the budget comes from the command line)
+VARIANTS = {
+    "none": None,
+    "next_token_lora": {"method": "next_token", "train": "lora"},
+    "distill_lora": {"method": "distill", "train": "lora"},
+    "distill_blocks": {"method": "distill", "train": "blocks"},
+}
+
+
+def recovery_config(variant: str, data_name: str, args) -> RecoveryConfig:
+    data = {"data": "dataset", "dataset_id": "wikitext2-first-half"} if data_name == "wikitext2" else {}
+    return RecoveryConfig(
+        **VARIANTS[variant],
+        **data,
+        lr=args.lr,
+        n_samples=args.samples,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        batch_size=args.batch,
+        micro_batch_size=args.batch,
+    )
+
+
+def cmd_run(args) -> None:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    model, tokenizer = load_model(args.model, cache_dir=CACHE)
+    wiki = (DATA / "wikitext2-valid.txt").read_text(encoding="utf-8")
+    first_half = wiki[: len(wiki) // 2]
+    bos = tokenizer.bos_token_id if model.config.model_type.startswith("gemma") else None
+    calibration = with_bos(token_batches(tokenizer, [first_half], args.calib_samples, args.calib_len, seed=0), bos)
+    streams = eval_streams(tokenizer, args.eval_tokens, args.ppl_seq_len, bos)
+    base = {"model": args.model, "method": args.method, "target": args.target, "data": args.data}
+    if args.dense:
+        emit(out, {**base, "variant": "dense", **evaluate(model, tokenizer, streams, args)})
+    variants = args.variants.split(",")
+    # Recovery data and teacher are taken from the dense model once and shared by every variant.
+    setups: dict[tuple[str, str], RecoverySetup] = {}
+    for data_name in args.data.split(","):
+        for variant in variants:
+            if VARIANTS[variant] is not None:
+                config = recovery_config(variant, data_name, args)
+                setup = prepare_recovery(model, tokenizer, config, [first_half], seed=0)
+                assert setup is not None
+                setups[(variant, data_name)] = setup
+    basis = "parameters" if args.method == "llm_pruner" else "layers"
+    options = json.loads(args.options)
+    outcome = prune(model, calibration, method=args.method, target_sparsity=args.target,
+                    sparsity_basis=basis, options=options, seed=0, tokenizer=tokenizer)
+    report = outcome.report
+    pruned = {
+        **base, "parameters": report["parameters_after"],
+        "achieved_sparsity": round(report["achieved_parameter_sparsity"], 5),
+        "removed_layers": report.get("removed_layers"), "pruning_seconds": report["pruning_seconds"],
+    }
+    if "none" in variants:
+        emit(out, {**pruned, "variant": "none", **evaluate(outcome.model, tokenizer, streams, args)})
+    for (variant, data_name), setup in setups.items():
+        started = time.perf_counter()
+        trial = copy.copy(outcome)
+        trial.model, trial.report = copy.deepcopy(outcome.model), dict(report)
+        apply_recovery(trial, setup, seed=0)
+        rec = trial.report["recovery"]
+        record = {
+            **pruned, "data": data_name, "variant": variant,
+            "recovery_seconds": rec["seconds"], "tokens_trained": rec["tokens_trained"],
+            "recovery_peak_memory": rec["peak_memory"], "trainable_parameters": rec["trainable_parameters"],
+            "loss_curve": rec["loss_curve"], "lr": setup.config.effective_lr,
+            "variant_seconds": round(time.perf_counter() - started, 1),
+        }
+        emit(out, {**record, **evaluate(trial.model, tokenizer, streams, args)})
+        del trial
+
+
+def _ratio(row: dict, dense: dict | None, key: str) -> str:
+    return f" ({row[key] / dense[key]:.2f}x)" if dense else ""
+
+
+def cmd_report(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for f in args.files for line in Path(f).read_text().splitlines() if line.strip()]
+    lines: list[str] = []
+    groups = list(dict.fromkeys((r["model"], r["method"], r["target"]) for r in rows if r["variant"] != "dense"))
+    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(5.5 * max(len(groups), 1), 4), squeeze=False)
+    for ax, (model, method, target) in zip(axes[0], groups, strict=True):
+        dense = next((r for r in rows if r["model"] == model and r["variant"] == "dense"), None)
+        sub = [r for r in rows if (r["model"], r["method"], r["target"]) == (model, method, target)
+               and r["variant"] != "dense"]
+        sub.sort(key=lambda r: (r["variant"] != "none", r["variant"], r["data"], r.get("lr", 0)))
+        lines += [f"### {model}, {method} at {target:.0%} ({'parameters' if method == 'llm_pruner' else 'layers'})", "",
+                  "| recovery | data | lr | wiki2 PPL (x dense) | PTB PPL (x dense) | tokens trained | recovery s "
+                  "| peak RSS MiB | trainable params |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        if dense:
+            lines.append(f"| dense | - | - | {dense['ppl_wikitext2']:.2f} | {dense['ppl_ptb']:.2f} | - | - | - | - |")
+        labels, wiki, ptb = [], [], []
+        for r in sub:
+            data = "-" if r["variant"] == "none" else r["data"]
+            lines.append(
+                f"| {r['variant']} | {data} | {r.get('lr', '-')} "
+                f"| {r['ppl_wikitext2']:.2f}{_ratio(r, dense, 'ppl_wikitext2')} "
+                f"| {r['ppl_ptb']:.2f}{_ratio(r, dense, 'ppl_ptb')} | {r.get('tokens_trained', 0)} "
+                f"| {r.get('recovery_seconds', '-')} | {r.get('recovery_peak_memory', {}).get('peak_rss_mib', '-')} "
+                f"| {r.get('trainable_parameters', '-')} |"
+            )
+            labels.append(r["variant"] if r["variant"] == "none" else f"{r['variant']}\n({r['data']}, lr {r['lr']:g})")
+            scale = (dense["ppl_wikitext2"], dense["ppl_ptb"]) if dense else (1.0, 1.0)
+            wiki.append(r["ppl_wikitext2"] / scale[0])
+            ptb.append(r["ppl_ptb"] / scale[1])
+        lines.append("")
+        xs = range(len(labels))
+        ax.bar([x - 0.2 for x in xs], wiki, width=0.4, label="WikiText-2 (held-out half)")
+        ax.bar([x + 0.2 for x in xs], ptb, width=0.4, label="PTB")
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+        ax.set_xticks(list(xs), labels, rotation=45, ha="right", fontsize=7)
+        ax.set_ylabel("perplexity / dense")
+        ax.set_title(f"{model.split(':')[-1]} {method} {target:.0%}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=110)
+    text = "\n".join(lines) + "\n"
+    if args.md:
+        Path(args.md).write_text(text)
+    print(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run")
+    run.add_argument("--model", default="builtin:smollm2-135m")
+    run.add_argument("--out", required=True)
+    run.add_argument("--method", default="gradmap")
+    run.add_argument("--target", type=float, default=0.2)
+    run.add_argument("--options", default="{}", help="method options as JSON")
+    run.add_argument("--data", default="wikitext2", help="recovery data: wikitext2, self_generated, or both (comma)")
+    run.add_argument("--lr", type=float, default=None, help="recovery learning rate (default: the engine's)")
+    run.add_argument("--variants", default=",".join(VARIANTS))
+    run.add_argument("--dense", action="store_true", help="also evaluate the dense model")
+    run.add_argument("--samples", type=int, default=64, help="recovery sequences")
+    run.add_argument("--seq-len", type=int, default=128)
+    run.add_argument("--steps", type=int, default=30)
+    run.add_argument("--batch", type=int, default=4)
+    run.add_argument("--calib-samples", type=int, default=8)
+    run.add_argument("--calib-len", type=int, default=128)
+    run.add_argument("--eval-tokens", type=int, default=8192)
+    run.add_argument("--ppl-seq-len", type=int, default=128)
+    run.add_argument("--tasks", default="", help="zero-shot tasks (comma-separated); empty = none")
+    run.add_argument("--zs-limit", type=int, default=200)
+    run.add_argument("--threads", type=int, default=1)
+    run.set_defaults(func=cmd_run)
+    rep = sub.add_parser("report")
+    rep.add_argument("files", nargs="+")
+    rep.add_argument("--md", default=None)
+    rep.add_argument("--png", default=str(REPO / "docs" / "benchmarks" / "recovery.png"))
+    rep.set_defaults(func=cmd_report)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Quality-targeted search and method "auto" on tiny random models with constructed quality curves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from workers.engine.layers import find_layers
+from workers.engine.pipeline import prune, search
+from workers.engine.search import ProbeResult, QualityTarget, largest_passing
+from workers.engine.types import EngineError
+
+# Perplexity ratio after removing k layers: known answer for any budget.
+CURVE = {1: 1.04, 2: 1.1, 3: 1.22, 4: 1.35, 5: 1.6, 6: 2.1, 7: 3.0}
+
+
+def ids(n: int = 6, seq: int = 20, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 128, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def curve_probe(budget: float, calls: list[float]):
+    def probe(k: float) -> ProbeResult:
+        calls.append(k)
+        return ProbeResult(size=k, value=CURVE[int(k)], meets=CURVE[int(k)] <= budget)
+
+    return probe
+
+
+@pytest.mark.parametrize(("budget", "expected"), [(1.3, 3), (1.05, 1), (2.5, 6), (5.0, 7)])
+@pytest.mark.parametrize("full", [False, True])
+def test_search_picks_largest_size_within_budget(budget, expected, full):
+    calls: list[float] = []
+    found = largest_passing(list(CURVE), curve_probe(budget, calls), full=full)
+    assert found.chosen is not None and found.chosen.size == expected
+    assert [p.size for p in found.curve] == sorted(calls)
+    assert len(calls) == (len(CURVE) if full else 3)  # binary search: log2(7) probes
+
+
+def test_search_without_passing_candidate_returns_none():
+    found = largest_passing(list(CURVE), curve_probe(1.01, []))
+    assert found.chosen is None and found.curve
+
+
+def layer_count_measure(dense_layers: int = 4):
+    """'Perplexity' 10 x CURVE[k] for a model with k layers removed (10 when dense)."""
+
+    def measure(model) -> float:
+        removed = dense_layers - len(find_layers(model).layers)
+        return 10.0 * (CURVE[removed] if removed else 1.0)
+
+    return measure
+
+
+def test_pipeline_search_publishes_largest_k_and_stores_curve(tiny_llama):
+    target = {"max_perplexity_ratio": 1.15, "max_sparsity": 0.75, "full_curve": True}
+    outcome = search(tiny_llama, ids(), method="gradmap", target=target, measure=layer_count_measure())
+    report = outcome.report
+    assert len(find_layers(outcome.model).layers) == 2  # k=2 is the largest with ratio <= 1.15
+    assert len(find_layers(tiny_llama).layers) == 4  # the dense model is untouched
+    q = report["quality_target"]
+    assert q["chosen_size"] == 2 and [p["size"] for p in q["curve"]] == [1, 2, 3]
+    assert [p["meets"] for p in q["curve"]] == [True, True, False]
+    assert report["removed_layers"] == sorted(q["removal_order"][:2])  # a prefix of the one order
+    assert report["compensation"]["enabled"] is True
+
+
+def test_removal_order_is_prefix_consistent(tiny_llama):
+    import copy
+
+    order = prune(copy.deepcopy(tiny_llama), ids(), method="gradmap", target_sparsity=0.75).report["removal_order"]
+    single = prune(copy.deepcopy(tiny_llama), ids(), method="gradmap", target_sparsity=0.25).report["removed_layers"]
+    assert single == order[:1]
+
+
+def test_no_candidate_meets_budget_is_a_clear_error(tiny_llama):
+    with pytest.raises(EngineError) as caught:
+        search(
+            tiny_llama, ids(), method="gradmap", target={"max_perplexity_ratio": 1.01}, measure=layer_count_measure()
+        )
+    assert caught.value.code == "target_unreachable"
+    assert (
+        "perplexity <= 1.01x dense" in caught.value.message and "size 1: perplexity_ratio 1.04" in caught.value.message
+    )
+
+
+def test_width_method_searches_a_sparsity_grid(tiny_llama):
+    dense = sum(p.numel() for p in tiny_llama.parameters())
+
+    def accuracy(model) -> float:  # constructed: 0.9 while over 85 % of the parameters remain, else 0.1
+        return 0.9 if sum(p.numel() for p in model.parameters()) > 0.85 * dense else 0.1
+
+    target = {"min_zero_shot_accuracy": 0.5, "tasks": ["piqa"], "max_sparsity": 0.3, "sparsity_step": 0.1}
+    options = {"layer_start": 0, "layer_end": 4}
+    outcome = search(
+        tiny_llama,
+        ids(),
+        method="llm_pruner",
+        sparsity_basis="parameters",
+        target=target,
+        measure=accuracy,
+        options=options,
+    )
+    q = outcome.report["quality_target"]
+    assert q["chosen_size"] == 0.1 and [p["size"] for p in q["curve"]] == [0.1, 0.2]
+    assert q["metric"] == "zero_shot_accuracy"
+
+
+def test_target_needs_exactly_one_budget():
+    with pytest.raises(ValidationError, match="exactly one"):
+        QualityTarget()
+    with pytest.raises(ValidationError, match="exactly one"):
+        QualityTarget(max_perplexity_ratio=1.3, min_zero_shot_accuracy=0.4, tasks=["piqa"])
+    with pytest.raises(ValidationError, match="unknown perplexity text"):
+        QualityTarget(max_perplexity_ratio=1.3, perplexity_set="c4")
+
+
+def test_auto_keeps_the_selector_with_lowest_heldout_loss(tiny_llama):
+    outcome = prune(
+        tiny_llama,
+        ids(8),
+        method="auto",
+        target_sparsity=0.25,
+        options={"selectors": ["gradmap", "shortgpt", "sleb"], "compensation": False},
+    )
+    auto = outcome.report["auto"]
+    losses = {c["selector"]: c["heldout_loss"] for c in auto["candidates"]}
+    assert set(losses) == {"gradmap", "shortgpt", "sleb"}
+    assert auto["chosen"] == min(losses, key=losses.get)
+    assert auto["fit_samples"] == 6 and auto["heldout_samples"] == 2
+    assert len(find_layers(outcome.model).layers) == 3
+
+
+def test_auto_skips_sleb_on_large_models(tiny_llama):
+    outcome = prune(
+        tiny_llama,
+        ids(8),
+        method="auto",
+        target_sparsity=0.25,
+        options={"selectors": ["shortgpt", "sleb"], "sleb_max_parameters": 10},
+    )
+    skipped = [c for c in outcome.report["auto"]["candidates"] if "skipped" in c]
+    assert [c["selector"] for c in skipped] == ["sleb"]

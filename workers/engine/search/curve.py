@@ -1,0 +1,63 @@
+"""Search over candidate sizes for the most-pruned one that meets a quality budget.
+
+Candidates are ordered from least to most pruned. Quality is assumed to get worse with size
+(true on average for prefix-consistent removal orders), so a binary search needs about
+log2(n) probes; `full` probes every candidate and picks the largest passing one without that
+assumption. Every probe is kept: it is the size/quality curve of the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.engine.types import EngineError
+
+
+@dataclass
+class ProbeResult:
+    size: float  # k (layers) or a parameter sparsity
+    value: float  # the budget metric (perplexity ratio or accuracy)
+    meets: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"size": self.size, "value": round(self.value, 5), "meets": self.meets, **self.extra}
+
+
+@dataclass
+class SearchResult:
+    chosen: ProbeResult | None
+    curve: list[ProbeResult]
+
+
+def largest_passing(
+    candidates: Sequence[float], probe: Callable[[float], ProbeResult], *, full: bool = False
+) -> SearchResult:
+    """The largest candidate whose probe meets the budget (None when none does), and every probe made."""
+    curve: list[ProbeResult] = []
+    if full:
+        curve = [probe(size) for size in candidates]
+        passing = [p for p in curve if p.meets]
+        return SearchResult(chosen=passing[-1] if passing else None, curve=curve)
+    lo, hi, best = 0, len(candidates) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        result = probe(candidates[mid])
+        curve.append(result)
+        if result.meets:
+            best, lo = result, mid + 1
+        else:
+            hi = mid - 1
+    return SearchResult(chosen=best, curve=sorted(curve, key=lambda p: p.size))
+
+
+def no_candidate_error(budget: str, curve: list[ProbeResult], metric: str) -> EngineError:
+    """The clear error of a budget that nothing meets: what was tried and how close it came."""
+    tried = ", ".join(f"size {p.size:g}: {metric} {p.value:.4g}" for p in curve)
+    return EngineError(
+        "target_unreachable",
+        f"No candidate meets the budget ({budget}). Probed: {tried}. Loosen the budget, add recovery, "
+        "or use a smaller step.",
+    )
