@@ -64,7 +64,9 @@ class ProgressPlan:
         costs = dict(DEFAULT_COSTS)
         costs["calibrating"] = 1.3 if cal.get("source", "self_generated") == "self_generated" else 0.1
         if spec.get("sparsity_basis") == "layers" and n_layers:
-            removed = max(1, round(spec.get("target_sparsity", 0.2) * n_layers))
+            # A quality-targeted job has no target_sparsity: its largest candidate bounds the work.
+            sparsity = spec.get("target_sparsity") or (spec.get("target") or {}).get("max_sparsity") or 0.2
+            removed = max(1, round(sparsity * n_layers))
             # GradMAP and SLEB re-score once per removed layer; one-shot scores need one pass.
             iterative = spec.get("method") in ("gradmap", "sleb") and options.get("iterative", True)
             costs["scoring"] = float(removed if iterative else 1)
@@ -73,6 +75,8 @@ class ProgressPlan:
         costs["compensating"] = 1.0 if options.get("compensation") else 0.0
         if options.get("recovery"):
             costs["recovering"] = 0.1 * float(options.get("recovery_steps", 50))
+        if spec.get("recovery"):  # the job-level recovery stage (workers/engine/recovery)
+            costs["recovering"] = 0.1 * float(spec["recovery"].get("steps") or 50)
         evaluation = spec.get("evaluation")
         eval_cost = 0.0
         if evaluation:
