@@ -22,8 +22,17 @@ from workers.engine.modelzoo import check_model_id
 from workers.engine.registry import get_method, parse_options
 
 
+# Fields added after jobs were first stored, with their defaults: left out of the hash while at the
+# default, so an Idempotency-Key used before they existed still matches the same body.
+LATER_FIELDS: dict[str, object] = {"recovery": None, "target": None, "artifact_dtype": "auto"}
+
+
 def request_hash(body: JobCreate) -> str:
-    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    fields = body.model_dump(mode="json")
+    for name, default in LATER_FIELDS.items():
+        if fields.get(name) == default:
+            fields.pop(name, None)
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
