@@ -21,7 +21,6 @@ from app.settings import Settings
 from workers.engine.modelzoo import check_model_id
 from workers.engine.registry import get_method, parse_options
 
-
 # Fields added after jobs were first stored, with their defaults: left out of the hash while at the
 # default, so an Idempotency-Key used before they existed still matches the same body.
 LATER_FIELDS: dict[str, object] = {"recovery": None, "target": None, "artifact_dtype": "auto"}
