@@ -153,16 +153,24 @@ def test_perplexity_equals_exp_mean_nll_of_plain_loop(tiny_llama):
     ids = torch.randint(0, 128, (16 * 5 + 7,))  # 5 full segments + a dropped tail
     result = perplexity(tiny_llama, ids, seq_len=16, batch_size=2)
     total, count = 0.0, 0
+    per_segment = []
     with torch.no_grad():
         for s in range(5):
             segment = ids[s * 16 : (s + 1) * 16]
             logp = torch.log_softmax(tiny_llama(input_ids=segment[None]).logits[0].double(), dim=-1)
-            for i in range(1, 16):
-                total -= logp[i - 1, segment[i]].item()
-                count += 1
+            nll = [-logp[i - 1, segment[i]].item() for i in range(1, 16)]
+            per_segment.append(sum(nll) / 15)
+            total += sum(nll)
+            count += 15
     assert result["n_segments"] == 5 and result["n_tokens"] == count == 75
     assert result["nll"] == pytest.approx(total / count, rel=1e-5)
     assert result["ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    # Standard error over segments (sample std / sqrt(n)), delta method for the perplexity.
+    mean = sum(per_segment) / 5
+    stderr = math.sqrt(sum((v - mean) ** 2 for v in per_segment) / 4 / 5)
+    assert result["segment_nll"] == pytest.approx(per_segment, abs=1e-5)
+    assert result["nll_stderr"] == pytest.approx(stderr, rel=1e-4)
+    assert result["ppl_stderr"] == pytest.approx(result["ppl"] * stderr, rel=1e-4)
 
 
 def test_perplexity_reports_progress_and_rejects_short_text(tiny_llama):
