@@ -213,6 +213,7 @@ def run_prune(args: argparse.Namespace) -> int:
     from workers.engine.calibration import read_calibration_file, self_generated_batches, token_batches
     from workers.engine.device import pick_device, pick_dtype
     from workers.engine.modelzoo import default_cache_dir, load_model
+    from workers.engine.registry import get_method, parse_options
     from workers.engine.types import EngineError
 
     if args.out.exists() and any(args.out.iterdir()):
@@ -245,6 +246,12 @@ def run_prune(args: argparse.Namespace) -> int:
             calibration = self_generated_batches(
                 model, tokenizer, args.n_samples, args.seq_len, seed=args.seed, progress=progress
             )
+        compensation = None
+        parsed = parse_options(get_method(args.method), options)
+        if args.calibration is not None and getattr(parsed, "compensation", False):
+            # Compensation's own, larger budget from the same text (another seed: other windows).
+            n_windows = parsed.compensation_samples  # type: ignore[attr-defined]
+            compensation = token_batches(tokenizer, calibration_texts, n_windows, args.seq_len, seed=args.seed + 1)
         recovery = None
         if recovery_texts is not None:
             recovery = token_batches(tokenizer, recovery_texts, args.n_samples, args.seq_len, seed=args.seed)
@@ -272,7 +279,12 @@ def run_prune(args: argparse.Namespace) -> int:
             outcome = pipeline.search(model, calibration, target=target, measure=measure, **common)
         else:
             outcome = pipeline.prune(
-                model, calibration, target_sparsity=args.sparsity, recovery_data=recovery, **common
+                model,
+                calibration,
+                target_sparsity=args.sparsity,
+                recovery_data=recovery,
+                compensation_data=compensation,
+                **common,
             )
         outcome.report["calibration"] = {
             "source": str(args.calibration or "self_generated"),
