@@ -65,7 +65,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if embedded:
         from app.embedded import start_worker_thread
         from workers.celery_app import celery_app
+        from workers.outbox import quarantine_broken_messages
 
+        quarantine_broken_messages(settings.broker_dir / "queue")
         controller = start_worker_thread(celery_app, settings.queue_name)
     server = HandBackServer(uvicorn.Config(create_app(settings, services), timeout_graceful_shutdown=10, **common))
     server.run()

@@ -59,6 +59,27 @@ def filesystem_task_ids(queue_dir: Path, queue: str) -> set[str]:
     return ids - {""}
 
 
+def quarantine_broken_messages(queue_dir: Path) -> list[Path]:
+    """Move message files that are not JSON (a process killed mid-write) out of the embedded queue.
+
+    The filesystem transport stops at the first unreadable file, so one broken file would block every
+    job behind it; the sweeper re-sends whatever job it carried.
+    """
+    broken_dir = queue_dir.parent / "broken"
+    moved = []
+    for path in sorted(queue_dir.glob("*.msg")):
+        try:
+            json.loads(path.read_bytes())
+        except ValueError:
+            broken_dir.mkdir(exist_ok=True)
+            moved.append(path.rename(broken_dir / path.name))
+        except OSError:
+            continue
+    if moved:
+        log.warning("moved %d unreadable message file(s) to %s", len(moved), broken_dir)
+    return moved
+
+
 def broker_task_ids(settings: Settings) -> set[str] | None:
     """Task ids the broker holds for our queue; None when this broker cannot be inspected."""
     url = settings.resolved_broker_url

@@ -101,7 +101,9 @@ DISK_FULL_MESSAGE = (
 def run_job(job_id: str, settings: Settings, sessions: sessionmaker[Session]) -> str | None:
     """Execute a job if it is ours to run; returns its terminal status, HANDED_BACK, or None when skipped."""
     if shutdown.REQUESTED.is_set():
-        return HANDED_BACK  # delivered while shutting down: the caller sends it back unclaimed
+        # Delivered while shutting down: left `queued` unclaimed. Re-sending here would loop through
+        # this same stopping worker; the outbox sweeper re-sends it once a worker is up again.
+        return None
     shutdown.IDLE.clear()
     try:
         status = _run_claimed(job_id, settings, sessions)
