@@ -16,10 +16,10 @@ from sqlalchemy.orm import Session, sessionmaker
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Connections per process: the API's threadpool (see app.main.THREADPOOL_SIZE) plus background
-# threads (reaper, webhooks, event catch-up) never need more than this at once.
-POOL_SIZE = 8
-POOL_OVERFLOW = 32
+# Connections per process: one kept per API threadpool thread (app.main.THREADPOOL_SIZE), so a busy
+# API never pays a reconnect, plus overflow for background threads (reaper, webhooks, event catch-up).
+POOL_SIZE = 32
+POOL_OVERFLOW = 8
 
 
 def make_engine(url: str) -> Engine:
