@@ -23,6 +23,8 @@ from typing import Any
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.job_views import JOB_VIEWS
+
 log = logging.getLogger(__name__)
 PENDING_KEY = "slimforge_pending_events"
 Publisher = Callable[[dict[str, Any]], None]
@@ -77,6 +79,7 @@ class Hub:
                 self._per_owner[sub.owner] -= 1
 
     def publish(self, payload: dict[str, Any]) -> None:
+        JOB_VIEWS.invalidate(payload["job_id"])  # the next poll re-reads the row (app.job_views)
         with self._lock:
             subs = list(self._by_job.get(payload["job_id"], ()))
         for sub in subs:
@@ -153,6 +156,7 @@ def publish_after_commit(factory: sessionmaker[Session], publisher: Publisher) -
 
     def _after_commit(session: Session) -> None:
         for payload in session.info.pop(PENDING_KEY, ()):
+            JOB_VIEWS.invalidate(payload["job_id"])  # this process at once; others via the publisher
             publisher(payload)
 
     def _after_rollback(session: Session) -> None:

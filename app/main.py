@@ -11,6 +11,7 @@ from fastapi_offline import FastAPIOffline
 
 from app.api import artifacts, catalog, datasets, evaluations, health, jobs, ui
 from app.errors import install_error_handlers
+from app.heap import freeze_long_lived
 from app.inputs import ControlCharGuard
 from app.limits import BodySizeLimit
 from app.metrics import HttpLatency
@@ -27,6 +28,7 @@ THREADPOOL_SIZE = 32
 @asynccontextmanager
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     anyio.to_thread.current_default_thread_limiter().total_tokens = THREADPOOL_SIZE
+    freeze_long_lived()
     yield
 
 

@@ -30,11 +30,15 @@ class Services:
         engine = make_engine(settings.resolved_database_url)
         return cls(settings, engine, session_factory(settings, engine), make_celery(settings))
 
-    def subscribe(self, job_id: str, owner: str) -> Subscription:
-        """A live feed of the job's events in this process (raises app.events.TooManyStreams)."""
+    def watch_events(self) -> None:
+        """Make sure this process hears every job event (workers and other API processes publish to Redis)."""
         url = redis_url(self.settings.resolved_broker_url)
         if url:
             HUB.ensure_redis_relay(url, channel_name(self.settings.queue_name))
+
+    def subscribe(self, job_id: str, owner: str) -> Subscription:
+        """A live feed of the job's events in this process (raises app.events.TooManyStreams)."""
+        self.watch_events()
         return HUB.subscribe(job_id, owner, self.settings.max_streams_per_key)
 
     def enqueue(self, job_id: str) -> None:

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     max_streams_per_key: int = 256
     # SSE keep-alive comment interval; each one also re-reads missed events from the database.
     sse_heartbeat_seconds: float = 15.0
+    # A job poll may be answered from this process's memory for this long (app.job_views); status
+    # changes reach it at once through the job events. 0: every poll reads the version from the store.
+    job_read_max_age_seconds: float = Field(default=0.5, ge=0, le=10)
     # A job still `queued` this long after it was last sent is re-sent unless the broker holds it.
     requeue_grace_seconds: float = 30.0
     # How long workers keep retrying while the database is unreachable (e.g. restarting).

@@ -6,13 +6,21 @@
 `embedded` runs `slimforge serve` on the default (SQLite + in-process worker). `production` runs
 `slimforge serve --workers 2` on PostgreSQL (127.0.0.1:5432, a fresh database) + Redis
 (127.0.0.1:6379, a fresh queue name) with one `slimforge worker`. Load comes from `hey` on loopback,
-bounded in time. Scenarios (targets from issue #9, figures in docs/reliability.md):
-  polling     200 pollers at 1 req/s each on GET /v1/jobs/{id}      p99 <= 50 ms, 0 errors
-  saturation  200 concurrent, closed loop, same route                >= 800 req/s (production), p99 <= 1 s
-  health      /healthz at 10 req/s during both of the above          p99 <= 100 ms
-  streams     500 SSE subscribers open, then polling again          polling p99 <= 2x without streams
-  submissions 20 POST /v1/jobs during polling                        all 202, each job run exactly once
-  lists       GET /v1/jobs?limit=50 with 10,000 jobs in the table   p99 <= 100 ms
+bounded in time. Load comes from `wrk` (bench/wrk/pollers.lua) on loopback; `hey` gives one extra
+row (synchronised bursts). Scenarios (targets from issue #9, figures in docs/reliability.md):
+  polling       200 pollers at 1 req/s each on GET /v1/jobs/{id}    p99 <= 50 ms, 0 errors
+                (each poller starts at a random moment of the first second, as independent
+                dashboards do)
+  polling_many  the same 200 pollers spread over 50 different jobs  (no target; not one hot job)
+  polling_burst `hey -c 200 -q 1`: 200 tickers that fire in the same few milliseconds every second
+                (no target; a worst case no real fleet produces)
+  saturation    200 concurrent, closed loop, same route              >= 800 req/s (production), p99 <= 1 s
+  health        /healthz at 5 req/s on each of 2 connections during polling and saturation
+                                                                     p99 <= 100 ms
+  streams       500 SSE subscribers open, then polling again        polling p99 <= 2x without streams
+  submissions   20 POST /v1/jobs during polling                      all 202, each job run exactly once
+  lists         GET /v1/jobs?limit=50 with 10,000 jobs in the table, 10 concurrent, closed loop
+                                                                     p99 <= 100 ms
 """
 
 from __future__ import annotations
@@ -47,6 +55,28 @@ REDIS = os.environ.get("SLIMFORGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 def slimforge() -> str:
     return str(Path(sys.executable).parent / "slimforge")
+
+
+POLLERS_LUA = REPO / "bench" / "wrk" / "pollers.lua"
+
+
+def wrk(
+    url: str, seconds: int, connections: int, period_ms: int = 0, key: str = KEY, paths: list[str] | None = None
+) -> dict[str, Any]:
+    """Run wrk with bench/wrk/pollers.lua; period_ms > 0: each connection sends one request per period
+    (random phase), 0: closed loop; `paths`: requests take them in turn. Returns requests/s, latency
+    percentiles (ms) and error counts."""
+    threads = 2 if connections >= 2 else 1
+    args = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(POLLERS_LUA)]
+    args += ["-H", f"Authorization: Bearer {key}", url, "--", str(period_ms), str(connections // threads)]
+    args += [",".join(paths)] if paths else []
+    out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60).stdout
+    line = next((ln for ln in out.splitlines() if ln.startswith("WRK_JSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk gave no summary: {out[-2000:]}")
+    result: dict[str, Any] = json.loads(line.removeprefix("WRK_JSON "))
+    result["errors"] = sum(result.pop("errors").values())  # connect, read, write, timeout, non-2xx/3xx
+    return result
 
 
 def hey(url: str, seconds: int, concurrency: int, qps: float | None = None, key: str = KEY) -> dict[str, Any]:
@@ -223,17 +253,23 @@ def run(mode: str, seconds: int, baseline: Path | None = None) -> dict[str, Any]
         wait_terminal(client, [target], 300)
         job_url = f"{stack.base}/v1/jobs/{target}"
         health_url = f"{stack.base}/healthz"
+        others = [submit(client, job_body(stack.model)).json()["id"] for _ in range(49)]
+        wait_terminal(client, others, 600)
+        wrk(job_url, 5, 50, period_ms=100)  # warm-up: first-time code paths, connection pools
 
-        def with_health(load: dict[str, Any]) -> dict[str, Any]:
+        def with_health(route_url: str, connections: int, period_ms: int) -> dict[str, Any]:
             health: dict[str, Any] = {}
-            thread = threading.Thread(target=lambda: health.update(hey(health_url, seconds, 2, qps=5)))
+            thread = threading.Thread(target=lambda: health.update(wrk(health_url, seconds, 2, period_ms=200)))
             thread.start()
-            out = hey(job_url, seconds, **load)
+            out = wrk(route_url, seconds, connections, period_ms=period_ms)
             thread.join()
             return {"route": out, "healthz": health}
 
-        results["polling"] = with_health({"concurrency": 200, "qps": 1})
-        results["saturation"] = with_health({"concurrency": 200})
+        results["polling"] = with_health(job_url, 200, 1000)
+        many = [f"/v1/jobs/{j}" for j in [target, *others]]
+        results["polling_many"] = {"jobs": len(many), **wrk(job_url, seconds, 200, period_ms=1000, paths=many)}
+        results["polling_burst"] = hey(job_url, seconds, 200, qps=1)
+        results["saturation"] = with_health(job_url, 200, 0)
 
         # Submissions during polling: every one accepted, every job run exactly once.
         accepted: list[httpx.Response] = []
@@ -245,7 +281,7 @@ def run(mode: str, seconds: int, baseline: Path | None = None) -> dict[str, Any]
 
         submitter = threading.Thread(target=submit_during)
         submitter.start()
-        results["polling_with_submissions"] = hey(job_url, seconds, 200, qps=1)
+        results["polling_with_submissions"] = wrk(job_url, seconds, 200, period_ms=1000)
         submitter.join()
         ids = [r.json()["id"] for r in accepted if r.status_code == 202]
         done = wait_terminal(client, ids, 300)
@@ -269,7 +305,7 @@ def run(mode: str, seconds: int, baseline: Path | None = None) -> dict[str, Any]
         holder = threading.Thread(target=lambda: opened.append(asyncio.run(streams)))
         holder.start()
         ready.wait(300)
-        results["streams"] = {"requested": 500, **with_health({"concurrency": 200, "qps": 1})}
+        results["streams"] = {"requested": 500, **with_health(job_url, 200, 1000)}
         stop.set()
         holder.join()
         results["streams"]["opened"] = opened[0] if opened else 0
@@ -278,7 +314,7 @@ def run(mode: str, seconds: int, baseline: Path | None = None) -> dict[str, Any]
 
         # Lists with 10,000 jobs in the table.
         insert_jobs(stack, 10_000)
-        results["lists"] = hey(f"{stack.base}/v1/jobs?limit=50", seconds, 10)
+        results["lists"] = wrk(f"{stack.base}/v1/jobs?limit=50", seconds, 10)
     finally:
         stack.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -331,9 +367,10 @@ def main() -> int:
         "--baseline", type=Path, default=None, help="checkout of an older commit to measure instead (before/after)"
     )
     args = parser.parse_args()
-    if shutil.which("hey") is None:
-        print("hey is not installed: apt-get install hey (scripts/system-deps.sh)", file=sys.stderr)
-        return 2
+    for tool in ("wrk", "hey"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is not installed: apt-get install {tool} (scripts/system-deps.sh)", file=sys.stderr)
+            return 2
     results = run(args.mode, args.seconds, args.baseline)
     text = json.dumps(results, indent=2)
     print(text)

@@ -7,6 +7,7 @@ from functools import cache
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import make_engine
+from app.heap import freeze_long_lived
 from app.services import session_factory
 from app.settings import get_settings
 from workers.celery_app import RUN_JOB_TASK, celery_app
@@ -23,6 +24,7 @@ def _sessions() -> sessionmaker[Session]:
 def run_job_task(job_id: str) -> str | None:
     settings = get_settings()
     status = run_job(job_id, settings, _sessions())
+    freeze_long_lived()  # the modules and caches a job loaded stay; the API threads stop paying for them
     if status == HANDED_BACK:  # this worker is stopping: put the job back in the queue for the next one
         celery_app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=settings.queue_name)
     return status

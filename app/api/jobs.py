@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Row, and_, or_, select, update
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ServicesDep, SessionDep, TenantDep
@@ -21,6 +21,7 @@ from app.dryrun import dry_run as run_dry_run
 from app.errors import ApiError, is_disk_full, no_space_left
 from app.events import TooManyStreams, is_terminal_event
 from app.inputs import EventCursor, parse_last_event_id, require_plain_text
+from app.job_views import JOB_VIEWS, VERSION_COLUMNS
 from app.jobs_service import add_event, create_job, idempotent_twin, request_hash, tenant_job, validate_job
 from app.models import JOB_STATUSES, TERMINAL_STATUSES, Job, JobEvent, utcnow
 from app.openapi import V1_RESPONSES, responses, text_response
@@ -99,23 +100,22 @@ def _fail_unqueued(session: SessionDep, job: Job, exc: Exception, code: str) -> 
     response_model=JobOut,
     responses={304: {"description": "Not modified (If-None-Match matched the ETag)"}, **responses(404)},
 )
-def get_job(job_id: str, request: Request, session: SessionDep, tenant: TenantDep) -> Response:
-    """The job; `ETag` + `If-None-Match` make an unchanged poll a bodiless 304."""
-    job = tenant_job(session, tenant, job_id)
-    etag = job_etag(job)
-    headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
-    if request.headers.get("if-none-match") == etag:
+async def get_job(job_id: str, request: Request, services: ServicesDep, tenant: TenantDep) -> Response:
+    """The job; `ETag` + `If-None-Match` make an unchanged poll a bodiless 304.
+
+    Served from app.job_views: at most `job_read_max_age_seconds` behind the store, status changes at once.
+    """
+    services.watch_events()
+    view = await JOB_VIEWS.get(services.sessions, job_id, services.settings.job_read_max_age_seconds)
+    if view is None or view.tenant_id != tenant:  # another tenant's job is reported like a missing one
+        raise ApiError(404, "job_not_found", f"Job {job_id!r} does not exist.")
+    headers = {"ETag": view.etag, "Cache-Control": "private, no-cache"}
+    if request.headers.get("if-none-match") == view.etag:
         return Response(status_code=304, headers=headers)
-    return Response(JobOut.from_row(job).model_dump_json(), media_type="application/json", headers=headers)
+    return Response(view.body, media_type="application/json", headers=headers)
 
 
-def job_etag(job: Job) -> str:
-    """Changes whenever the row does: every worker write bumps updated_at, every event event_count."""
-    stamp = job.updated_at.timestamp() if job.updated_at else 0.0
-    return f'W/"{job.event_count}-{stamp:.6f}-{job.status}"'
-
-
-def _encode_cursor(job: Job) -> str:
+def _encode_cursor(job: Job | Row[Any]) -> str:
     raw = json.dumps([job.created_at.isoformat(), job.id])
     return base64.urlsafe_b64encode(raw.encode()).decode()
 
@@ -137,8 +137,8 @@ def list_jobs(
     model: str | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: str | None = None,
-) -> JobPage:
-    query = select(Job).where(Job.tenant_id == tenant)
+) -> Response:
+    query = select(*VERSION_COLUMNS, Job.created_at).where(Job.tenant_id == tenant)
     if status:
         unknown = sorted(set(status) - set(JOB_STATUSES))
         if unknown:
@@ -152,10 +152,12 @@ def list_jobs(
         created, last_id = _decode_cursor(cursor)
         # Newest first; (created_at, id) is a total order, so pages never skip or repeat a job.
         query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id)))
-    rows = session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
+    rows = session.execute(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
     items = rows[:limit]
     next_cursor = _encode_cursor(items[-1]) if len(rows) > limit else None
-    return JobPage(items=[JobOut.from_row(j) for j in items], next_cursor=next_cursor)
+    # The JobPage document, assembled from the cached item bodies (only changed jobs are rendered).
+    body = b'{"items":[' + b",".join(JOB_VIEWS.bodies(session, items)) + b'],"next_cursor":'
+    return Response(body + json.dumps(next_cursor).encode() + b"}", media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=responses(404))

@@ -20,7 +20,7 @@ from app.auth import KEY_CACHE, generate_key, hash_key, public_id, revoke_key
 from app.db import session_scope
 from app.main import create_app
 from app.models import ApiKey
-from tests.service.conftest import KEY_A, REDIS_URL, Api, make_settings, prepare_store, tiny_job
+from tests.service.conftest import KEY_A, KEY_B, REDIS_URL, Api, make_settings, prepare_store, tiny_job
 from tests.service.test_celery_workers import start_worker
 from workers.outbox import broker_task_ids, resend_lost_jobs
 
@@ -217,4 +217,112 @@ def test_worker_events_reach_sse_subscribers_through_redis(tmp_path: Path, model
             assert seqs == list(range(1, len(seqs) + 1)), seqs  # each once, in order, none missing
             assert events[-1]["data"]["status"] == "succeeded"
             assert seqs == [e["seq"] for e in api.get(f"/v1/jobs/{job_id}/events").json()]
+        app.state.services.engine.dispose()
+
+
+def _write_behind_the_api(api: Api, job_id: str, **values: object) -> None:
+    """A change to the row that publishes no event (like a heartbeat or a progress tick)."""
+    from sqlalchemy import update
+
+    from app.models import Job
+
+    with session_scope(api.client.app.state.services.sessions) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
+def test_polls_served_from_memory_are_never_older_than_the_max_age(api: Api, model_root: Path) -> None:
+    job_id = api.post("/v1/jobs", json=tiny_job(model_root)).json()["id"]
+    assert api.get(f"/v1/jobs/{job_id}").json()["progress"] == 0.0
+    _write_behind_the_api(api, job_id, progress=42.0)
+    time.sleep(api.settings.job_read_max_age_seconds + 0.05)
+    polled = api.get(f"/v1/jobs/{job_id}")
+    assert polled.json()["progress"] == 42.0
+    # The list shows the same body as the poll, and the page document is well formed.
+    page = api.get("/v1/jobs").json()
+    assert page["items"] == [polled.json()] and page["next_cursor"] is None
+    assert api.get(f"/v1/jobs/{job_id}", key=KEY_B).status_code == 404  # another tenant's job stays hidden
+
+
+def test_a_job_event_reaches_a_cached_poll_at_once(api: Api, model_root: Path) -> None:
+    job_id = api.post("/v1/jobs", json=tiny_job(model_root)).json()["id"]
+    assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+    with session_scope(api.client.app.state.services.sessions) as session:
+        from app.jobs_service import add_event
+
+        _write_behind_the_api(api, job_id, status="running")  # not yet seen: no event
+        assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+        add_event(session, job_id, "log", "something happened")
+    assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "running"  # well within the max age
+
+
+def test_concurrent_polls_of_a_stale_job_share_one_check(api: Api, model_root: Path) -> None:
+    from app.job_views import JOB_VIEWS
+
+    job_id = api.post("/v1/jobs", json=tiny_job(model_root)).json()["id"]
+    JOB_VIEWS.invalidate(job_id)
+    checks: list[str] = []
+    original = JOB_VIEWS.check
+
+    def counting(sessions, wanted):  # type: ignore[no-untyped-def]
+        checks.append(wanted)
+        time.sleep(0.2)  # a slow store: every poll below arrives while the check runs
+        return original(sessions, wanted)
+
+    services = api.client.app.state.services
+
+    async def polls() -> list[str]:
+        views = await asyncio.gather(*(JOB_VIEWS.get(services.sessions, job_id, 0.5) for _ in range(50)))
+        return [view.tenant_id for view in views if view is not None]
+
+    JOB_VIEWS.check = counting  # type: ignore[method-assign]
+    try:
+        owners = asyncio.run(polls())
+    finally:
+        del JOB_VIEWS.check
+    assert owners == ["default"] * 50 and checks == [job_id]
+
+
+def test_an_event_from_another_process_reaches_this_process_cache_through_redis(
+    tmp_path: Path, model_root: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.service.conftest import fresh_pg_database
+
+    with fresh_pg_database() as url:
+        settings = make_settings(
+            tmp_path / "data",
+            url,
+            model_root,
+            broker_url=REDIS_URL,
+            queue_name=f"views-{uuid.uuid4().hex[:8]}",
+            job_read_max_age_seconds=10.0,  # only the event can refresh the poll within this test
+        )
+        prepare_store(settings)
+        app = create_app(settings)
+        with TestClient(app) as client:
+            api = Api(client, settings)
+            job_id = api.post("/v1/jobs", json=tiny_job(model_root)).json()["id"]
+            assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+            writer = (
+                "import sys\n"
+                "from sqlalchemy import update\n"
+                "from app.db import make_engine, session_scope\n"
+                "from app.jobs_service import add_event\n"
+                "from app.models import Job\n"
+                "from app.services import session_factory\n"
+                "from app.settings import Settings\n"
+                "settings = Settings(database_url=sys.argv[1], broker_url=sys.argv[2], queue_name=sys.argv[3],\n"
+                "                    data_dir=sys.argv[4])\n"
+                "with session_scope(session_factory(settings, make_engine(sys.argv[1]))) as session:\n"
+                "    session.execute(update(Job).where(Job.id == sys.argv[5]).values(status='running'))\n"
+                "    add_event(session, sys.argv[5], 'status', 'running', data={'status': 'running'})\n"
+            )
+            args = [url, REDIS_URL, settings.queue_name, str(tmp_path / "data"), job_id]
+            subprocess.run([sys.executable, "-c", writer, *args], check=True, cwd=Path(__file__).parents[2])
+            deadline = time.monotonic() + 5
+            while api.get(f"/v1/jobs/{job_id}").json()["status"] != "running":
+                assert time.monotonic() < deadline, "the relayed event never dropped the cached view"
+                time.sleep(0.02)
         app.state.services.engine.dispose()
