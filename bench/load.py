@@ -142,8 +142,8 @@ class Stack:
         if self.mode == "production":
             subprocess.run([slimforge(), "migrate"], env=self.env, check=True, capture_output=True)
             self._spawn("worker", log="worker.log")
-            serve += [] if self.baseline else ["--workers", "2"]
-        serve += ["--log-level", "warning"] if self.baseline else ["--no-access-log"]
+            serve += ["--workers", "2"]
+        serve += ["--no-access-log"]  # a baseline checkout must be from after both flags (2624d98 or later)
         self._spawn(*serve, log="serve.log")
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:

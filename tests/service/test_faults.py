@@ -203,6 +203,7 @@ def test_postgres_restart_during_a_job_keeps_api_and_job_consistent(
             job_id = api.post("/v1/jobs", json=tiny_job(model_root, **SLOW)).json()["id"]
             wait_status(api, job_id, running_in_calibration)
             pg_cluster.stop("immediate")
+            time.sleep(settings.job_read_max_age_seconds + 0.1)  # past what a poll may answer from memory
             down = api.get(f"/v1/jobs/{job_id}")
             assert down.status_code == 503 and down.json()["code"] == "database_unavailable", down.text
             assert api.client.get("/healthz").status_code == 200
