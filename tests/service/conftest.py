@@ -68,6 +68,12 @@ def make_settings(data_dir: Path, database_url: str, model_root: Path, **overrid
     return Settings(**values)  # type: ignore[arg-type]
 
 
+def redis_settings(data_dir: Path, database_url: str, model_root: Path, **overrides: object) -> Settings:
+    """Production-mode settings: the machine's Redis as broker, on a queue of the test's own."""
+    values: dict[str, object] = dict(broker_url=REDIS_URL, queue_name=f"test-{uuid.uuid4().hex[:8]}")
+    return make_settings(data_dir, database_url, model_root, **{**values, **overrides})
+
+
 def prepare_store(settings: Settings) -> None:
     """Migrate to head and register the two test tenants' keys."""
     from app.auth import bootstrap_keys, create_key

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,7 +12,13 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from tests.service.conftest import REDIS_URL, Api, fresh_pg_database, make_settings, prepare_store, tiny_job
+from tests.service.conftest import (
+    Api,
+    fresh_pg_database,
+    prepare_store,
+    redis_settings,
+    tiny_job,
+)
 from tests.service.workers import Process, settings_env
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -23,12 +28,10 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 def cluster(tmp_path: Path, model_root: Path) -> Iterator[tuple[Api, Settings, list[Process]]]:
     """An API client plus a list the test fills with worker processes; all torn down afterwards."""
     with fresh_pg_database() as url:
-        settings = make_settings(
+        settings = redis_settings(
             tmp_path / "data",
             url,
             model_root,
-            broker_url=REDIS_URL,
-            queue_name=f"test-{uuid.uuid4().hex[:8]}",
             heartbeat_seconds=0.5,
             heartbeat_timeout_seconds=4.0,
             reaper_interval_seconds=1.0,

@@ -20,7 +20,7 @@ from app.auth import KEY_CACHE, generate_key, hash_key, public_id, revoke_key
 from app.db import session_scope
 from app.main import create_app
 from app.models import ApiKey
-from tests.service.conftest import KEY_A, KEY_B, REDIS_URL, Api, make_settings, prepare_store, tiny_job
+from tests.service.conftest import KEY_A, KEY_B, REDIS_URL, Api, make_settings, prepare_store, redis_settings, tiny_job
 from tests.service.test_celery_workers import start_worker
 from workers.outbox import broker_task_ids, resend_lost_jobs
 
@@ -291,12 +291,10 @@ def test_an_event_from_another_process_reaches_this_process_cache_through_redis(
     from tests.service.conftest import fresh_pg_database
 
     with fresh_pg_database() as url:
-        settings = make_settings(
+        settings = redis_settings(
             tmp_path / "data",
             url,
             model_root,
-            broker_url=REDIS_URL,
-            queue_name=f"views-{uuid.uuid4().hex[:8]}",
             job_read_max_age_seconds=10.0,  # only the event can refresh the poll within this test
         )
         prepare_store(settings)
