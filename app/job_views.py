@@ -56,6 +56,14 @@ class JobView:
     def etag(self) -> str:
         return etag_of(self.version)
 
+    @property
+    def event_count(self) -> int:
+        return self.version[1]
+
+    @property
+    def status(self) -> str:
+        return self.version[2]
+
 
 def render(job: Job) -> JobView:
     return JobView(job.tenant_id, version_of(job), JobOut.from_row(job).model_dump_json().encode())

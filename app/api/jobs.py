@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import logging
+import random
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
@@ -271,6 +272,15 @@ async def stream_events(
     async def catch_up() -> tuple[list[EventOut], bool]:
         return await run_in_threadpool(_events_and_terminal, services, job_id, last)
 
+    async def missed_something() -> bool:
+        """Whether the store holds an event this stream has not sent, or the job has ended.
+
+        Answered from the job's cached view (app.job_views), which all streams and polls of the
+        job in this process share, so a keep-alive costs at most one small read per job.
+        """
+        view = await JOB_VIEWS.get(services.sessions, job_id, services.settings.job_read_max_age_seconds)
+        return view is None or view.event_count > last or view.status in TERMINAL_STATUSES
+
     def frame(event: EventOut) -> str:
         return f"id: {event.seq}\nevent: {event.kind}\ndata: {event.model_dump_json()}\n\n"
 
@@ -287,10 +297,13 @@ async def stream_events(
                 if terminal:
                     return
                 try:
-                    payload = await asyncio.wait_for(subscription.queue.get(), timeout=heartbeat)
+                    # Jittered, so streams opened together do not all wake in the same instant.
+                    wait = heartbeat * random.uniform(0.8, 1.0)
+                    payload = await asyncio.wait_for(subscription.queue.get(), timeout=wait)
                 except TimeoutError:
                     yield ": keep-alive\n\n"
-                    events, terminal = await catch_up()
+                    if await missed_something():
+                        events, terminal = await catch_up()
                     continue
                 if payload["seq"] <= last:
                     events, terminal = [], False

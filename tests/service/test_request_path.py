@@ -106,6 +106,39 @@ def test_sse_resumes_after_last_event_id_and_refuses_a_malformed_one(api: Api, m
     assert huge.status_code == 422
 
 
+def test_a_stream_catches_up_at_its_keep_alive_on_an_event_that_was_never_published(
+    database_url: str, tmp_path: Path, model_root: Path
+) -> None:
+    """Pub/sub is fire-and-forget: an event whose message is lost still reaches the stream."""
+    from sqlalchemy import update
+
+    from app.db import make_session_factory
+    from app.jobs_service import add_event
+    from app.models import Job
+
+    settings = make_settings(tmp_path / "data", database_url, model_root, sse_heartbeat_seconds=0.5)
+    prepare_store(settings)
+    app = create_app(settings)
+    with TestClient(app) as client:
+        api = Api(client, settings)
+        job_id = api.post("/v1/jobs", json=tiny_job(model_root)).json()["id"]
+        received: list[dict] = []
+        reader = threading.Thread(
+            target=_read_sse, args=(client, f"/v1/jobs/{job_id}/events/stream", api.headers(), received)
+        )
+        reader.start()
+        while not received:
+            time.sleep(0.05)
+        # A session without the publisher hook: the event is committed but never published.
+        with session_scope(make_session_factory(app.state.services.engine)) as session:
+            session.execute(update(Job).where(Job.id == job_id).values(status="cancelled"))
+            add_event(session, job_id, "status", "cancelled behind the hub", data={"status": "cancelled"})
+        reader.join(timeout=30)
+        assert not reader.is_alive(), "the stream never caught up on the unpublished event"
+        assert [e["seq"] for e in received] == [1, 2] and received[-1]["data"]["status"] == "cancelled"
+    app.state.services.engine.dispose()
+
+
 def test_streams_per_key_are_capped_with_429(database_url: str, tmp_path: Path, model_root: Path) -> None:
     settings = make_settings(tmp_path / "data", database_url, model_root, max_streams_per_key=2)
     prepare_store(settings)
