@@ -17,7 +17,8 @@ row (synchronised bursts). Scenarios (targets from issue #9, figures in docs/rel
   saturation    200 concurrent, closed loop, same route              >= 800 req/s (production), p99 <= 1 s
   health        /healthz at 5 req/s on each of 2 connections during polling and saturation
                                                                      p99 <= 100 ms
-  streams       500 SSE subscribers open, then polling again        polling p99 <= 2x without streams
+  streams       a long job running: polling, then 500 SSE subscribers open and polling again
+                                                                     polling p99 <= 2x without streams
   submissions   20 POST /v1/jobs during polling                      all 202, each job run exactly once
   lists         GET /v1/jobs?limit=50 with 10,000 jobs in the table, 10 concurrent, closed loop
                                                                      p99 <= 100 ms
@@ -215,6 +216,18 @@ def wait_terminal(client: httpx.Client, job_ids: list[str], timeout: float) -> d
     return jobs
 
 
+def statuses(client: httpx.Client, job_ids: list[str]) -> list[str]:
+    return [client.get(f"/v1/jobs/{i}").json()["status"] for i in job_ids]
+
+
+def wait_status(client: httpx.Client, job_id: str, status: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get(f"/v1/jobs/{job_id}").json()["status"] != status:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"job {job_id} never reached {status}")
+        time.sleep(0.5)
+
+
 def running_events(client: httpx.Client, job_id: str) -> int:
     events = client.get(f"/v1/jobs/{job_id}/events").json()
     return sum(1 for e in events if e["kind"] == "status" and e["data"]["status"] == "running")
@@ -294,9 +307,14 @@ def run(mode: str, seconds: int, baseline: Path | None = None) -> dict[str, Any]
             "ran_exactly_once": sum(n == 1 for n in runs.values()),
         }
 
-        # 500 SSE streams on jobs that stay open (a long job runs, a second waits behind it).
+        # 500 SSE streams on jobs that stay open (a long job runs, a second waits behind it). The
+        # running job costs CPU (in embedded mode inside the API process), so the comparison is
+        # polling with that job running, without streams and then with them.
         long_body = job_body(stack.model, seq_len=4000)
         long_ids = [submit(client, long_body).json()["id"] for _ in range(2)]
+        wait_status(client, long_ids[0], "running", 120)
+        results["polling_job_running"] = with_health(job_url, 200, 1000)
+        results["polling_job_running"]["long_jobs_after"] = statuses(client, long_ids)
         keys = [KEY, stack.second_key()]
         paths = [(f"/v1/jobs/{long_ids[i % 2]}/events/stream", keys[i % 2]) for i in range(500)]
         ready, stop = threading.Event(), threading.Event()
@@ -309,6 +327,7 @@ def run(mode: str, seconds: int, baseline: Path | None = None) -> dict[str, Any]
         stop.set()
         holder.join()
         results["streams"]["opened"] = opened[0] if opened else 0
+        results["streams"]["long_jobs_after"] = statuses(client, long_ids)
         for job_id in long_ids:
             client.post(f"/v1/jobs/{job_id}/cancel")
 

@@ -33,6 +33,7 @@ from app.webhooks import notify_terminal
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=V1_RESPONSES)
 EVENT_PAGE = 500
+FRAME_KEY = "_sse_frame"  # set on a hub payload once its SSE frame is rendered
 
 
 @router.post(
@@ -284,6 +285,13 @@ async def stream_events(
     def frame(event: EventOut) -> str:
         return f"id: {event.seq}\nevent: {event.kind}\ndata: {event.model_dump_json()}\n\n"
 
+    def live_frame(payload: dict[str, Any]) -> str:
+        """A published event's frame, rendered once for every stream of this process that receives it."""
+        rendered = payload.get(FRAME_KEY)
+        if rendered is None:
+            rendered = payload[FRAME_KEY] = frame(EventOut.model_validate(payload))
+        return rendered
+
     async def generate() -> AsyncIterator[str]:
         nonlocal last
         try:
@@ -308,7 +316,9 @@ async def stream_events(
                 if payload["seq"] <= last:
                     events, terminal = [], False
                 elif payload["seq"] == last + 1:
-                    events, terminal = [EventOut.model_validate(payload)], is_terminal_event(payload)
+                    last = payload["seq"]
+                    yield live_frame(payload)
+                    events, terminal = [], is_terminal_event(payload)
                 else:  # a gap (a message lost or dropped): read the missing events from the database
                     events, terminal = await catch_up()
         finally:
