@@ -217,7 +217,9 @@ def wait_terminal(client: httpx.Client, job_ids: list[str], timeout: float) -> d
 
 
 def statuses(client: httpx.Client, job_ids: list[str]) -> list[str]:
-    return [client.get(f"/v1/jobs/{i}").json()["status"] for i in job_ids]
+    """Status (and stage) of each job, e.g. to show a window ran while the same stage ran."""
+    jobs = [client.get(f"/v1/jobs/{i}").json() for i in job_ids]
+    return [f"{j['status']}/{j['stage']}/{j['progress']}" for j in jobs]
 
 
 def wait_status(client: httpx.Client, job_id: str, status: str, timeout: float) -> None:
@@ -310,7 +312,10 @@ def run(mode: str, seconds: int, baseline: Path | None = None) -> dict[str, Any]
         # 500 SSE streams on jobs that stay open (a long job runs, a second waits behind it). The
         # running job costs CPU (in embedded mode inside the API process), so the comparison is
         # polling with that job running, without streams and then with them.
-        long_body = job_body(stack.model, seq_len=4000)
+        # 8 x 8,000 self-generated tokens: both windows fall in the same stage (calibrating), so the
+        # job costs the same CPU in each and only the streams differ.
+        long_body = job_body(stack.model, seq_len=8000)
+        long_body["calibration"]["n_samples"] = 8
         long_ids = [submit(client, long_body).json()["id"] for _ in range(2)]
         wait_status(client, long_ids[0], "running", 120)
         results["polling_job_running"] = with_health(job_url, 200, 1000)

@@ -19,7 +19,8 @@ from app.auth import KEY_CACHE, bearer_digest, lookup_tenant
 from app.services import Services
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # async on purpose: FastAPI runs a plain `def` dependency in the threadpool, one hop per request.
     return request.app.state.services
 
 
