@@ -379,6 +379,13 @@ def insert_jobs(stack: Stack, count: int) -> None:
     ]
     with engine.begin() as conn:
         conn.execute(insert(Job), rows)
+    if engine.dialect.name == "postgresql":
+        # What autovacuum does within a minute of a bulk load; without fresh statistics the planner
+        # sorts the whole table for every page (8.2 ms instead of 0.07 ms per list query).
+        from sqlalchemy import text
+
+        with engine.begin() as conn:
+            conn.execute(text("ANALYZE jobs"))
     engine.dispose()
 
 
