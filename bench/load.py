@@ -258,7 +258,7 @@ async def hold_streams(base: str, paths: list[tuple[str, str]], ready: threading
     return len(writers)
 
 
-def run(mode: str, seconds: int, baseline: Path | None = None) -> dict[str, Any]:
+def run(mode: str, seconds: int, baseline: Path | None = None, streams_only: bool = False) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix=f"slimforge-load-{mode}-"))
     stack = Stack(mode, workdir, baseline).start()
     results: dict[str, Any] = {"mode": mode, "seconds_per_scenario": seconds, "baseline": str(baseline or "")}
@@ -280,34 +280,35 @@ def run(mode: str, seconds: int, baseline: Path | None = None) -> dict[str, Any]
             thread.join()
             return {"route": out, "healthz": health}
 
-        results["polling"] = with_health(job_url, 200, 1000)
-        many = [f"/v1/jobs/{j}" for j in [target, *others]]
-        results["polling_many"] = {"jobs": len(many), **wrk(job_url, seconds, 200, period_ms=1000, paths=many)}
-        results["polling_burst"] = hey(job_url, seconds, 200, qps=1)
-        results["saturation"] = with_health(job_url, 200, 0)
+        if not streams_only:
+            results["polling"] = with_health(job_url, 200, 1000)
+            many = [f"/v1/jobs/{j}" for j in [target, *others]]
+            results["polling_many"] = {"jobs": len(many), **wrk(job_url, seconds, 200, period_ms=1000, paths=many)}
+            results["polling_burst"] = hey(job_url, seconds, 200, qps=1)
+            results["saturation"] = with_health(job_url, 200, 0)
 
-        # Submissions during polling: every one accepted, every job run exactly once.
-        accepted: list[httpx.Response] = []
+            # Submissions during polling: every one accepted, every job run exactly once.
+            accepted: list[httpx.Response] = []
 
-        def submit_during() -> None:
-            for _ in range(20):
-                accepted.append(submit(client, job_body(stack.model)))
-                time.sleep(seconds / 25)
+            def submit_during() -> None:
+                for _ in range(20):
+                    accepted.append(submit(client, job_body(stack.model)))
+                    time.sleep(seconds / 25)
 
-        submitter = threading.Thread(target=submit_during)
-        submitter.start()
-        results["polling_with_submissions"] = wrk(job_url, seconds, 200, period_ms=1000)
-        submitter.join()
-        ids = [r.json()["id"] for r in accepted if r.status_code == 202]
-        done = wait_terminal(client, ids, 300)
-        runs = {i: running_events(client, i) for i in ids}
-        results["submissions"] = {
-            "sent": 20,
-            "accepted": len(ids),
-            "codes": sorted({r.status_code for r in accepted}),
-            "succeeded": sum(j.get("status") == "succeeded" for j in done.values()),
-            "ran_exactly_once": sum(n == 1 for n in runs.values()),
-        }
+            submitter = threading.Thread(target=submit_during)
+            submitter.start()
+            results["polling_with_submissions"] = wrk(job_url, seconds, 200, period_ms=1000)
+            submitter.join()
+            ids = [r.json()["id"] for r in accepted if r.status_code == 202]
+            done = wait_terminal(client, ids, 300)
+            runs = {i: running_events(client, i) for i in ids}
+            results["submissions"] = {
+                "sent": 20,
+                "accepted": len(ids),
+                "codes": sorted({r.status_code for r in accepted}),
+                "succeeded": sum(j.get("status") == "succeeded" for j in done.values()),
+                "ran_exactly_once": sum(n == 1 for n in runs.values()),
+            }
 
         # 500 SSE streams on jobs that stay open (a long job runs, a second waits behind it). The
         # running job costs CPU (in embedded mode inside the API process), so the comparison is
@@ -336,9 +337,9 @@ def run(mode: str, seconds: int, baseline: Path | None = None) -> dict[str, Any]
         for job_id in long_ids:
             client.post(f"/v1/jobs/{job_id}/cancel")
 
-        # Lists with 10,000 jobs in the table.
-        insert_jobs(stack, 10_000)
-        results["lists"] = wrk(f"{stack.base}/v1/jobs?limit=50", seconds, 10)
+        if not streams_only:  # lists with 10,000 jobs in the table
+            insert_jobs(stack, 10_000)
+            results["lists"] = wrk(f"{stack.base}/v1/jobs?limit=50", seconds, 10)
     finally:
         stack.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -397,12 +398,17 @@ def main() -> int:
     parser.add_argument(
         "--baseline", type=Path, default=None, help="checkout of an older commit to measure instead (before/after)"
     )
+    parser.add_argument(
+        "--streams-only",
+        action="store_true",
+        help="only the streams scenario (polling with a job running, then with streams)",
+    )
     args = parser.parse_args()
     for tool in ("wrk", "hey"):
         if shutil.which(tool) is None:
             print(f"{tool} is not installed: apt-get install {tool} (scripts/system-deps.sh)", file=sys.stderr)
             return 2
-    results = run(args.mode, args.seconds, args.baseline)
+    results = run(args.mode, args.seconds, args.baseline, args.streams_only)
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:
