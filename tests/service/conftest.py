@@ -105,17 +105,23 @@ class Api:
         return self.client.post(path, headers=headers, **kw)
 
 
-@pytest.fixture
-def api(database_url: str, tmp_path: Path, model_root: Path) -> Iterator[Api]:
-    """The API app on a fresh store (SQLite and PostgreSQL); no worker consumes its queue."""
+@contextmanager
+def serving(settings: Settings) -> Iterator[Api]:
+    """The API app on a freshly prepared store for these settings (in-process, no worker)."""
     from app.main import create_app
 
-    settings = make_settings(tmp_path / "data", database_url, model_root)
     prepare_store(settings)
     app = create_app(settings)
     with TestClient(app) as client:
         yield Api(client, settings)
     app.state.services.engine.dispose()
+
+
+@pytest.fixture
+def api(database_url: str, tmp_path: Path, model_root: Path) -> Iterator[Api]:
+    """The API app on a fresh store (SQLite and PostgreSQL); no worker consumes its queue."""
+    with serving(make_settings(tmp_path / "data", database_url, model_root)) as api:
+        yield api
 
 
 def tiny_job(model_root: Path, **overrides: object) -> dict[str, object]:

@@ -20,7 +20,17 @@ from app.auth import KEY_CACHE, generate_key, hash_key, public_id, revoke_key
 from app.db import session_scope
 from app.main import create_app
 from app.models import ApiKey
-from tests.service.conftest import KEY_A, KEY_B, REDIS_URL, Api, make_settings, prepare_store, redis_settings, tiny_job
+from tests.service.conftest import (
+    KEY_A,
+    KEY_B,
+    REDIS_URL,
+    Api,
+    make_settings,
+    prepare_store,
+    redis_settings,
+    serving,
+    tiny_job,
+)
 from tests.service.test_celery_workers import start_worker
 from workers.outbox import broker_task_ids, resend_lost_jobs
 
@@ -117,10 +127,8 @@ def test_a_stream_catches_up_at_its_keep_alive_on_an_event_that_was_never_publis
     from app.models import Job
 
     settings = make_settings(tmp_path / "data", database_url, model_root, sse_heartbeat_seconds=0.5)
-    prepare_store(settings)
-    app = create_app(settings)
-    with TestClient(app) as client:
-        api = Api(client, settings)
+    with serving(settings) as api:
+        client = api.client
         job_id = api.post("/v1/jobs", json=tiny_job(model_root)).json()["id"]
         received: list[dict] = []
         reader = threading.Thread(
@@ -130,21 +138,18 @@ def test_a_stream_catches_up_at_its_keep_alive_on_an_event_that_was_never_publis
         while not received:
             time.sleep(0.05)
         # A session without the publisher hook: the event is committed but never published.
-        with session_scope(make_session_factory(app.state.services.engine)) as session:
+        with session_scope(make_session_factory(client.app.state.services.engine)) as session:
             session.execute(update(Job).where(Job.id == job_id).values(status="cancelled"))
             add_event(session, job_id, "status", "cancelled behind the hub", data={"status": "cancelled"})
         reader.join(timeout=30)
         assert not reader.is_alive(), "the stream never caught up on the unpublished event"
         assert [e["seq"] for e in received] == [1, 2] and received[-1]["data"]["status"] == "cancelled"
-    app.state.services.engine.dispose()
 
 
 def test_streams_per_key_are_capped_with_429(database_url: str, tmp_path: Path, model_root: Path) -> None:
     settings = make_settings(tmp_path / "data", database_url, model_root, max_streams_per_key=2)
-    prepare_store(settings)
-    app = create_app(settings)
-    with TestClient(app) as client:
-        api = Api(client, settings)
+    with serving(settings) as api:
+        client = api.client
         job_id = api.post("/v1/jobs", json=tiny_job(model_root)).json()["id"]
         url = f"/v1/jobs/{job_id}/events/stream"
         outs: list[list[dict]] = [[], []]
@@ -159,7 +164,6 @@ def test_streams_per_key_are_capped_with_429(database_url: str, tmp_path: Path, 
         api.post(f"/v1/jobs/{job_id}/cancel")
         for thread in threads:
             thread.join(timeout=60)
-    app.state.services.engine.dispose()
 
 
 @pytest.fixture
