@@ -259,3 +259,31 @@ def test_incremental_refit_equals_full_refit_upstream_of_the_new_cut():
     for layer in (0, 2):
         assert torch.allclose(find_writer(model.model.layers[layer])[0].weight, weights_inc[layer], atol=1e-6)
     assert not torch.allclose(find_writer(model.model.layers[4])[0].weight, weights_inc[4], atol=1e-6)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma3"])
+def test_cached_original_targets_give_the_streamed_fit(fixture, request):
+    """One original pass for every placement's target gives the same projections as re-running the
+    original model per placement (the fallback past `target_cache_mib`)."""
+    model = request.getfixturevalue(fixture)
+    ids = _ids(10)
+    keep = [0, 3]  # one cut of two layers: both sides tried, two different target layers
+    results = []
+    for budget in (1024.0, 0.0):
+        copy_ = copy.deepcopy(model)
+        report = compensate(copy_, keep, ids, CompensationConfig(min_improvement=-1.0, target_cache_mib=budget))
+        writers = [find_writer(copy_.model.layers[i])[0].weight.detach().clone() for i in keep]
+        results.append((report, writers))
+    (cached, w_cached), (streamed, w_streamed) = results
+    assert cached["tried_layers"] == streamed["tried_layers"] == [0, 3]
+    for a, b in zip(cached["projections"], streamed["projections"], strict=True):
+        assert a["mse_before"] == b["mse_before"] and a["mse_after"] == b["mse_after"]
+        assert a["loss_after"] == b["loss_after"]
+    assert all(torch.equal(a, b) for a, b in zip(w_cached, w_streamed, strict=True))
+
+
+def test_target_cache_budget():
+    from workers.engine.compensation import target_cache_fits
+
+    assert target_cache_fits(4096, 576, 8, 1024.0)  # SmolLM2, 32 x 128 tokens, 8 placements: 72 MiB
+    assert not target_cache_fits(4096, 576, 8, 70.0)

@@ -58,6 +58,10 @@ class CompensationConfig:
     min_improvement: float = 0.0  # relative held-out loss drop a projection needs to be kept
     refit_on_all: bool = True  # once a projection passed the held-out check, refit it on fit + held-out rows
     micro_batch_size: int = 4
+    # The original model's targets of every placement are captured in one pass and kept while they
+    # fit in this many MiB (rows x d x 4 bytes per target layer); beyond it each placement streams
+    # its own original forward again, so memory stays bounded.
+    target_cache_mib: float = 1024.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,6 +482,37 @@ def capture_pruned(
     return torch.cat(zs)[:max_tokens], torch.cat(residuals)[:max_tokens]
 
 
+TargetCache = list[dict[int, torch.Tensor]]  # per micro-batch: original layer -> target rows
+
+
+@torch.no_grad()
+def original_targets(
+    model: nn.Module,
+    target_layers: Collection[int],
+    ids: torch.Tensor,
+    originals: OriginalWeights,
+    micro_batch_size: int,
+    check_cancel: Callable[[], None] = lambda: None,
+) -> TargetCache:
+    """The original model's outputs at every target layer, one forward per micro-batch (writers unmerged).
+
+    The same micro-batches as `stream_placement`, so its rows are the ones that pass would compute.
+    """
+    wanted = sorted(set(target_layers))
+    cache: TargetCache = []
+    for batch in micro_batches(ids, micro_batch_size):
+        check_cancel()
+        with originals.active(), BlockIO(model, wanted, inputs=False, stop_after=wanted[-1]) as io:
+            capture_forward(model, batch)
+        cache.append({layer: _token_rows(io.outputs[layer]) for layer in wanted})
+    return cache
+
+
+def target_cache_fits(tokens: int, dim: int, n_targets: int, budget_mib: float) -> bool:
+    """Whether the fp32 targets of `n_targets` layers of width `dim` for `tokens` rows fit the budget."""
+    return tokens * dim * 4 * n_targets <= budget_mib * 2**20
+
+
 @dataclass
 class Capture:
     """One streaming pass at a placement: its normal equations and, for refinement, some rows."""
@@ -497,20 +532,25 @@ def stream_placement(
     micro_batch_size: int,
     keep_rows: int = 0,
     check_cancel: Callable[[], None] = lambda: None,
+    targets: TargetCache | None = None,
 ) -> Capture:
     """Accumulate X^T X / X^T Y of a placement over `ids`, one micro-batch at a time.
 
-    Per micro-batch the original model (writers unmerged) gives the target and the pruned model
-    (with every projection merged so far) gives z and the residual; only `keep_rows` rows are kept.
+    Per micro-batch the original model (writers unmerged) gives the target -- or `targets`, the
+    same rows captured beforehand by `original_targets` -- and the pruned model (with every
+    projection merged so far) gives z and the residual; only `keep_rows` rows are kept.
     """
     _, post_norm, _ = find_writer(find_layers(model).layers[keep[position]])
     equations: NormalEquations | None = None
     kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     n_kept = 0
-    for batch in micro_batches(ids, micro_batch_size):
+    for index, batch in enumerate(micro_batches(ids, micro_batch_size)):
         check_cancel()
-        with originals.active():
-            target = _original_rows(model, target_layer, batch)
+        if targets is not None:
+            target = targets[index][target_layer]
+        else:
+            with originals.active():
+                target = _original_rows(model, target_layer, batch)
         z, residual = _pruned_rows(model, keep, position, batch)
         x, y = design_rows(z, residual, target, post_norm)
         if equations is None:
@@ -539,6 +579,30 @@ def _solve(captures: Sequence[Capture], post_norm: nn.Module | None, config: Com
             z, residual, target, post_norm, projection, config.ridge, config.refine_steps, config.refine_lr
         )
     return projection
+
+
+def cache_targets(
+    model: nn.Module,
+    keep: Sequence[int],
+    usable: Sequence[int],
+    targets: dict[int, int],
+    splits: tuple[torch.Tensor, torch.Tensor | None],
+    originals: OriginalWeights,
+    config: CompensationConfig,
+    check_cancel: Callable[[], None],
+) -> tuple[TargetCache | None, TargetCache | None]:
+    """Original targets of every placement per split (fit, held-out), or None where over budget."""
+    layers = find_layers(model).layers
+    dim = find_writer(layers[keep[usable[0]]])[0].out_features
+    wanted = sorted({targets[p] for p in usable})
+    total = sum(ids.numel() for ids in splits if ids is not None)
+    if not target_cache_fits(total, dim, len(wanted), config.target_cache_mib):
+        return None, None
+    return tuple(  # type: ignore[return-value]
+        None if ids is None or ids.shape[0] == 0
+        else original_targets(model, wanted, ids, originals, config.micro_batch_size, check_cancel)
+        for ids in splits
+    )
 
 
 def compensate(
@@ -604,11 +668,14 @@ def compensate(
     if originals is None:
         originals = OriginalWeights([find_writer(layers[keep[p]])[0] for p in usable])
     keep_rows = config.max_tokens if config.refine_steps > 0 else 0
+    with_heldout = bool(n_heldout) and config.refit_on_all
+    cached = cache_targets(model, keep, usable, targets, (fit_ids, heldout_ids if with_heldout else None),
+                           originals, config, check_cancel)
 
-    def stream(position: int, batch_ids: torch.Tensor) -> Capture:
+    def stream(position: int, split: int) -> Capture:
         return stream_placement(
-            model, keep, position, targets[position], batch_ids, originals, config.micro_batch_size,
-            keep_rows, check_cancel,
+            model, keep, position, targets[position], (fit_ids, heldout_ids)[split], originals,
+            config.micro_batch_size, keep_rows, check_cancel, targets=cached[split],
         )
 
     for step, position in enumerate(usable):
@@ -616,9 +683,9 @@ def compensate(
         progress(step / len(usable), f"fitting projection at layer {keep[position]}")
         writer, post_norm, writer_name = find_writer(layers[keep[position]])
         # Later placements see the pruned model with earlier (kept) projections already merged.
-        fit = stream(position, fit_ids)
+        fit = stream(position, 0)
         # The held-out rows' equations only serve the refit on all rows (and its report).
-        heldout = stream(position, heldout_ids) if n_heldout and config.refit_on_all else None
+        heldout = stream(position, 1) if with_heldout else None
         projection = _solve([fit], post_norm, config)
         eye = torch.eye(projection.shape[0])
         entry = {
