@@ -5,9 +5,10 @@ SLEB's selection alone at the same k, measured in one process on SmolLM2-135M.
 
 Data as in bench/layer_pruning.py: 8x128 calibration windows (seed 0) and the compensation windows
 (seed 1) from the first half of wikitext2-valid.txt. GradMAP runs once per `--gradmap-variants`
-entry (named option sets; default: its default options), compensation fitted on the first `compensation_samples` compensation
-windows; SLEB runs with `compensation: false`, so only its selection is timed. The GradMAP
-variants run first, then SLEB; every ratio is computed from runs in this one process.
+entry (named option sets; default: its default options), compensation fitted on the first
+`compensation_samples` compensation windows; SLEB runs with `compensation: false`, so only its
+selection is timed. The GradMAP variants run first, then SLEB; every ratio is computed from runs in
+this one process.
 """
 
 from __future__ import annotations
