@@ -261,24 +261,46 @@ def test_incremental_refit_equals_full_refit_upstream_of_the_new_cut():
     assert not torch.allclose(find_writer(model.model.layers[4])[0].weight, weights_inc[4], atol=1e-6)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma3"])
-def test_cached_original_targets_give_the_streamed_fit(fixture, request):
-    """One original pass for every placement's target gives the same projections as re-running the
-    original model per placement (the fallback past `target_cache_mib`)."""
-    model = request.getfixturevalue(fixture)
+def _six_layer(kind: str):
+    """6-layer tiny LLaMA / Gemma-3 (sliding and full attention mixed), random weights."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    shared = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 6,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**shared)).eval()
+    layer_types = ["sliding_attention", "full_attention"] * 3
+    config = Gemma3TextConfig(**shared, head_dim=16, sliding_window=8, layer_types=layer_types)
+    return Gemma3ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_cached_targets_and_replayed_prefix_give_the_streamed_fit(kind, monkeypatch):
+    """One original pass for every placement's target and the pruned state replayed from placement
+    to placement give the same projections, bit for bit, as re-running both prefixes per placement
+    (the fallback past `target_cache_mib`)."""
+    import workers.engine.compensation as comp
+
+    model = _six_layer(kind)
     ids = _ids(10)
-    keep = [0, 3]  # one cut of two layers: both sides tried, two different target layers
+    keep = [0, 2, 3, 5]  # two cuts: four placements, each merged (accept all) before the next
     results = []
     for budget in (1024.0, 0.0):
         copy_ = copy.deepcopy(model)
-        report = compensate(copy_, keep, ids, CompensationConfig(min_improvement=-1.0, target_cache_mib=budget))
+        with monkeypatch.context() as patch:
+            if budget:  # the cached run must not re-run either prefix
+                patch.setattr(comp, "_pruned_rows", lambda *a: pytest.fail("pruned prefix re-run"))
+                patch.setattr(comp, "_original_rows", lambda *a: pytest.fail("original prefix re-run"))
+            report = compensate(copy_, keep, ids, CompensationConfig(min_improvement=-1.0, target_cache_mib=budget))
         writers = [find_writer(copy_.model.layers[i])[0].weight.detach().clone() for i in keep]
         results.append((report, writers))
     (cached, w_cached), (streamed, w_streamed) = results
-    assert cached["tried_layers"] == streamed["tried_layers"] == [0, 3]
+    assert cached["tried_layers"] == streamed["tried_layers"] == [0, 2, 3, 5]
+    assert cached["layers"] == [0, 2, 3, 5]
     for a, b in zip(cached["projections"], streamed["projections"], strict=True):
         assert a["mse_before"] == b["mse_before"] and a["mse_after"] == b["mse_after"]
-        assert a["loss_after"] == b["loss_after"]
+        assert a["loss_after"] == b["loss_after"] and a["loss_after_refit"] == b["loss_after_refit"]
     assert all(torch.equal(a, b) for a, b in zip(w_cached, w_streamed, strict=True))
 
 

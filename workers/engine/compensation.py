@@ -37,6 +37,7 @@ from torch import nn
 
 from workers.engine.hidden import BlockIO, capture_forward, forward_ids, lm_loss, micro_batches
 from workers.engine.layers import find_layers, layer_subset
+from workers.engine.replay import PrefixReplay
 
 Placement = Literal["after_cut", "before_cut", "around_cut", "max_relative_shift", "max_shift"]
 
@@ -58,9 +59,10 @@ class CompensationConfig:
     min_improvement: float = 0.0  # relative held-out loss drop a projection needs to be kept
     refit_on_all: bool = True  # once a projection passed the held-out check, refit it on fit + held-out rows
     micro_batch_size: int = 4
-    # The original model's targets of every placement are captured in one pass and kept while they
-    # fit in this many MiB (rows x d x 4 bytes per target layer); beyond it each placement streams
-    # its own original forward again, so memory stays bounded.
+    # The original model's targets of every placement are captured in one pass, and the pruned
+    # model's state is replayed from placement to placement (`PrefixReplay`), while they fit in this
+    # many MiB (rows x d x 4 bytes per target layer, plus one for the state); beyond it each
+    # placement re-runs both prefixes, so memory stays bounded.
     target_cache_mib: float = 1024.0
 
 
@@ -459,6 +461,22 @@ def _pruned_rows(
 
 
 @torch.no_grad()
+def _replayed_rows(
+    prefix: PrefixReplay, index: int, position: int, writer: nn.Linear, post_norm: nn.Module | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_pruned_rows` for micro-batch `index`, from the replayed state entering the placement."""
+    captured: list[torch.Tensor] = []
+    handle = writer.register_forward_hook(lambda m, a, out: captured.append(out.detach().float()))
+    try:
+        output = prefix.run_block(index, position)
+    finally:
+        handle.remove()
+    z = _token_rows(captured[-1])
+    contribution = apply_writer(z, torch.eye(z.shape[1], device=z.device), post_norm)
+    return z, _token_rows(output) - contribution
+
+
+@torch.no_grad()
 def capture_pruned(
     model: nn.Module,
     keep: Sequence[int],
@@ -533,14 +551,18 @@ def stream_placement(
     keep_rows: int = 0,
     check_cancel: Callable[[], None] = lambda: None,
     targets: TargetCache | None = None,
+    prefix: PrefixReplay | None = None,
 ) -> Capture:
     """Accumulate X^T X / X^T Y of a placement over `ids`, one micro-batch at a time.
 
     Per micro-batch the original model (writers unmerged) gives the target -- or `targets`, the
     same rows captured beforehand by `original_targets` -- and the pruned model (with every
-    projection merged so far) gives z and the residual; only `keep_rows` rows are kept.
+    projection merged so far) gives z and the residual -- or `prefix`, the pruned model's state
+    replayed from the previous placement; only `keep_rows` rows are kept.
     """
-    _, post_norm, _ = find_writer(find_layers(model).layers[keep[position]])
+    writer, post_norm, _ = find_writer(find_layers(model).layers[keep[position]])
+    if prefix is not None:
+        prefix.advance(position)
     equations: NormalEquations | None = None
     kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     n_kept = 0
@@ -551,7 +573,10 @@ def stream_placement(
         else:
             with originals.active():
                 target = _original_rows(model, target_layer, batch)
-        z, residual = _pruned_rows(model, keep, position, batch)
+        if prefix is not None:
+            z, residual = _replayed_rows(prefix, index, position, writer, post_norm)
+        else:
+            z, residual = _pruned_rows(model, keep, position, batch)
         x, y = design_rows(z, residual, target, post_norm)
         if equations is None:
             equations = NormalEquations(x.shape[1], x.device)
@@ -581,7 +606,15 @@ def _solve(captures: Sequence[Capture], post_norm: nn.Module | None, config: Com
     return projection
 
 
-def cache_targets(
+@dataclass
+class SplitCache:
+    """What one split's streaming passes reuse: the original targets and the replayed pruned prefix."""
+
+    targets: TargetCache
+    prefix: PrefixReplay
+
+
+def cache_splits(
     model: nn.Module,
     keep: Sequence[int],
     usable: Sequence[int],
@@ -590,19 +623,25 @@ def cache_targets(
     originals: OriginalWeights,
     config: CompensationConfig,
     check_cancel: Callable[[], None],
-) -> tuple[TargetCache | None, TargetCache | None]:
-    """Original targets of every placement per split (fit, held-out), or None where over budget."""
+) -> tuple[SplitCache | None, SplitCache | None]:
+    """Per split (fit, held-out): targets of every placement and the prefix replay, or None over budget."""
     layers = find_layers(model).layers
     dim = find_writer(layers[keep[usable[0]]])[0].out_features
     wanted = sorted({targets[p] for p in usable})
     total = sum(ids.numel() for ids in splits if ids is not None)
-    if not target_cache_fits(total, dim, len(wanted), config.target_cache_mib):
+    if not target_cache_fits(total, dim, len(wanted) + 1, config.target_cache_mib):  # + 1: replayed states
         return None, None
-    return tuple(  # type: ignore[return-value]
-        None if ids is None or ids.shape[0] == 0
-        else original_targets(model, wanted, ids, originals, config.micro_batch_size, check_cancel)
-        for ids in splits
-    )
+    mb = config.micro_batch_size
+
+    def build(ids: torch.Tensor | None) -> SplitCache | None:
+        if ids is None or ids.shape[0] == 0:
+            return None
+        return SplitCache(
+            original_targets(model, wanted, ids, originals, mb, check_cancel),
+            PrefixReplay(model, keep, ids, mb, usable[0], usable[-1], check_cancel),
+        )
+
+    return build(splits[0]), build(splits[1])
 
 
 def compensate(
@@ -669,13 +708,15 @@ def compensate(
         originals = OriginalWeights([find_writer(layers[keep[p]])[0] for p in usable])
     keep_rows = config.max_tokens if config.refine_steps > 0 else 0
     with_heldout = bool(n_heldout) and config.refit_on_all
-    cached = cache_targets(model, keep, usable, targets, (fit_ids, heldout_ids if with_heldout else None),
-                           originals, config, check_cancel)
+    cached = cache_splits(model, keep, usable, targets, (fit_ids, heldout_ids if with_heldout else None),
+                          originals, config, check_cancel)
 
     def stream(position: int, split: int) -> Capture:
+        cache = cached[split]
         return stream_placement(
             model, keep, position, targets[position], (fit_ids, heldout_ids)[split], originals,
-            config.micro_batch_size, keep_rows, check_cancel, targets=cached[split],
+            config.micro_batch_size, keep_rows, check_cancel,
+            targets=None if cache is None else cache.targets, prefix=None if cache is None else cache.prefix,
         )
 
     for step, position in enumerate(usable):
