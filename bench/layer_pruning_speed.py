@@ -51,6 +51,9 @@ def timed_prune(checkpoint: Path, method: str, ratio: float, data: dict[str, tor
         "timings": report["timings"],
         "compensation_tokens": comp.get("compensation_tokens"),
         "compensation_kept_layers": comp.get("layers"),
+        # To check against the evaluated rows (same windows): the fit must not depend on the code path.
+        "compensation_heldout_loss": [comp.get("heldout_loss_before"), comp.get("heldout_loss_after")],
+        "compensation_mse_after": [e.get("mse_after") for e in comp.get("projections", [])],
         "peak_memory": report.get("peak_memory"),
     }
 
