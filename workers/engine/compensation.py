@@ -610,7 +610,7 @@ def _solve(captures: Sequence[Capture], post_norm: nn.Module | None, config: Com
 class SplitCache:
     """What one split's streaming passes reuse: the original targets and the replayed pruned prefix."""
 
-    targets: TargetCache
+    targets: TargetCache | None  # None where this split is never streamed (only judged)
     prefix: PrefixReplay
 
 
@@ -619,29 +619,31 @@ def cache_splits(
     keep: Sequence[int],
     usable: Sequence[int],
     targets: dict[int, int],
-    splits: tuple[torch.Tensor, torch.Tensor | None],
+    splits: tuple[torch.Tensor, torch.Tensor],
+    stream_heldout: bool,
     originals: OriginalWeights,
     config: CompensationConfig,
     check_cancel: Callable[[], None],
 ) -> tuple[SplitCache | None, SplitCache | None]:
-    """Per split (fit, held-out): targets of every placement and the prefix replay, or None over budget."""
+    """Per split (fit, held-out): targets of every placement (where streamed) and the prefix replay,
+    or None for an empty split or over budget."""
     layers = find_layers(model).layers
     dim = find_writer(layers[keep[usable[0]]])[0].out_features
     wanted = sorted({targets[p] for p in usable})
-    total = sum(ids.numel() for ids in splits if ids is not None)
+    total = sum(ids.numel() for ids in splits)
     if not target_cache_fits(total, dim, len(wanted) + 1, config.target_cache_mib):  # + 1: replayed states
         return None, None
     mb = config.micro_batch_size
 
-    def build(ids: torch.Tensor | None) -> SplitCache | None:
-        if ids is None or ids.shape[0] == 0:
+    def build(ids: torch.Tensor, streamed: bool) -> SplitCache | None:
+        if ids.shape[0] == 0:
             return None
         return SplitCache(
-            original_targets(model, wanted, ids, originals, mb, check_cancel),
+            original_targets(model, wanted, ids, originals, mb, check_cancel) if streamed else None,
             PrefixReplay(model, keep, ids, mb, usable[0], usable[-1], check_cancel),
         )
 
-    return build(splits[0]), build(splits[1])
+    return build(splits[0], True), build(splits[1], stream_heldout)
 
 
 def compensate(
@@ -692,7 +694,7 @@ def compensate(
         report["seconds"] = round(time.perf_counter() - started, 3)
         return report
 
-    def pruned_loss(batch: torch.Tensor) -> float | None:
+    def full_loss(batch: torch.Tensor) -> float | None:
         if batch.shape[0] == 0:
             return None
         with layer_subset(model, keep):
@@ -701,15 +703,23 @@ def compensate(
     # Each projection is judged on its own: kept only if it lowers the held-out next-token loss
     # (the fit split when nothing could be held out), otherwise rolled back before the next one.
     judge_ids = heldout_ids if n_heldout else fit_ids
-    loss_before = pruned_loss(judge_ids)
+    loss_before = full_loss(judge_ids)
     current = loss_before
     targets = {position: target_index(keep, position, n_layers) for position in usable}
     if originals is None:
         originals = OriginalWeights([find_writer(layers[keep[p]])[0] for p in usable])
     keep_rows = config.max_tokens if config.refine_steps > 0 else 0
     with_heldout = bool(n_heldout) and config.refit_on_all
-    cached = cache_splits(model, keep, usable, targets, (fit_ids, heldout_ids if with_heldout else None),
-                          originals, config, check_cancel)
+    cached = cache_splits(model, keep, usable, targets, (fit_ids, heldout_ids), with_heldout, originals, config,
+                          check_cancel)
+    judge = cached[1] if n_heldout else cached[0]
+
+    def pruned_loss(position: int) -> float | None:
+        """Loss on the judging split with the current weights; from the replay at `position` when cached."""
+        if judge is None:
+            return full_loss(judge_ids)
+        judge.prefix.advance(position)
+        return judge.prefix.loss(judge_ids, config.micro_batch_size)
 
     def stream(position: int, split: int) -> Capture:
         cache = cached[split]
@@ -745,7 +755,7 @@ def compensate(
             entry["heldout_mse_after"] = heldout.equations.mse(projection)
         restore_writer = snapshot_linear(writer)
         merge_projection(writer, projection)
-        candidate = pruned_loss(judge_ids)
+        candidate = pruned_loss(position)
         bar = None if current is None else current * (1.0 - config.min_improvement)
         accepted = candidate is not None and bar is not None and candidate < bar
         entry.update({"loss_before": current, "loss_after": candidate, "kept": bool(accepted)})
@@ -754,7 +764,7 @@ def compensate(
             projection = _solve([fit, heldout], post_norm, config)
             restore_writer()
             merge_projection(writer, projection)
-            candidate = pruned_loss(judge_ids)
+            candidate = pruned_loss(position)
             entry.update({"refit_on_all_rows": int(fit.equations.rows + heldout.equations.rows),
                           "loss_after_refit": candidate})
         if accepted:

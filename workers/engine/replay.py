@@ -5,7 +5,8 @@ changes nothing before it. So instead of re-running the pruned prefix from the e
 every placement, `PrefixReplay` keeps, per micro-batch, the hidden state entering the next block
 to visit plus every block's call arguments (masks, position embeddings, ...) recorded in one real
 forward, and advances block by block. Blocks are called with exactly the arguments the model's
-own loop gave them, so their outputs are the ones a full forward computes.
+own loop gave them, so their outputs are the ones a full forward computes. The held-out loss of a
+candidate projection likewise runs only the blocks from its placement on.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.engine.hidden import StopForward, block_input, capture_forward, first_tensor, micro_batches
+from workers.engine.hidden import (
+    StopForward,
+    block_input,
+    capture_forward,
+    first_tensor,
+    forward_ids,
+    micro_batches,
+)
 from workers.engine.layers import find_layers, layer_subset
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]  # a block's arguments after the hidden state, and kwargs
@@ -54,6 +62,17 @@ class _CallRecorder:
         return hook
 
 
+def _inject(state: torch.Tensor) -> Callable[[nn.Module, tuple, dict], tuple[tuple, dict]]:
+    """Pre-hook replacing a block's hidden-state input by `state`."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (state, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": state}
+
+    return hook
+
+
 class PrefixReplay:
     """Per micro-batch of `ids`: the pruned model's (`keep`) hidden state entering block `position`."""
 
@@ -88,6 +107,23 @@ class PrefixReplay:
         args, kwargs = self.calls[index][position]
         with torch.no_grad():
             return first_tensor(self.blocks[position](self.states[index], *args, **kwargs)).detach()
+
+    def loss(self, ids: torch.Tensor, micro_batch_size: int) -> float:
+        """`lm_loss` of the pruned model on `ids` (this replay's windows, same micro-batches), running
+        only the blocks from the current position on: their input is the stored state."""
+        total, count = 0.0, 0
+        with torch.no_grad(), layer_subset(self.model, self.keep[self.position :]):
+            first = find_layers(self.model).layers[0]
+            for index, batch in enumerate(micro_batches(ids, micro_batch_size)):
+                handle = first.register_forward_pre_hook(_inject(self.states[index]), with_kwargs=True)
+                try:
+                    out = forward_ids(self.model, batch, labels=True)
+                finally:
+                    handle.remove()
+                n = batch.shape[0] * (batch.shape[1] - 1)
+                total += float(out.loss.float()) * n
+                count += n
+        return total / max(count, 1)
 
     def advance(self, position: int) -> None:
         """Run every micro-batch through the blocks before `position` (current weights): forward only."""
