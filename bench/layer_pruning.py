@@ -162,6 +162,7 @@ def run(args) -> None:
             "forward_passes": report["forward_passes"],
             "backward_passes": report["backward_passes"],
             "decision_seconds": [d.get("seconds") for d in report["decisions"]],
+            "in_loop_seconds": [d.get("in_loop_compensation_seconds") for d in report["decisions"]],
             "options": report["options"],
             "k": report["k"],
         }
