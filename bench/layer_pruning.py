@@ -162,6 +162,7 @@ def run(args) -> None:
             "forward_passes": report["forward_passes"],
             "backward_passes": report["backward_passes"],
             "decision_seconds": [d.get("seconds") for d in report["decisions"]],
+            "in_loop_seconds": [d.get("in_loop_compensation_seconds") for d in report["decisions"]],
             "options": report["options"],
             "k": report["k"],
         }
@@ -284,26 +285,26 @@ def paired(entry: dict[str, Any], reference: dict[str, Any], text: str) -> tuple
     return math.exp(mean), (mean / se if se > 0 else 0.0)
 
 
-def print_precise(res: dict[str, Any], reference: str = "gradmap + comp") -> None:
-    """Per k: every entry with its standard errors and a paired comparison against `reference`."""
+def print_precise(res: dict[str, Any], references: tuple[str, ...] = ("gradmap + comp", "shortgpt")) -> None:
+    """Per k: every entry with its standard errors and paired comparisons against each of `references`."""
     entries = [e for key, e in res["evals"].items() if key != "dense" and "wikitext2_ppl_stderr" in e]
     dense = res["evals"]["dense"]
     print(f"\nDense: WikiText-2 {dense['wikitext2_ppl']:.2f} ± {dense.get('wikitext2_ppl_stderr', 0):.2f}, "
           f"PTB {dense['ptb_ppl']:.2f} ± {dense.get('ptb_ppl_stderr', 0):.2f}")
     for k in sorted({e["k"] for e in entries}):
         rows = sorted((e for e in entries if e["k"] == k), key=lambda e: e["wikitext2_ppl"])
-        ref = next((e for e in rows if label(e) == reference), None)
-        print(f"\nk={k}: perplexity ± standard error; paired = ratio to {reference} (z of the paired "
+        refs = [next((e for e in rows if label(e) == name), None) for name in references]
+        print(f"\nk={k}: perplexity ± standard error; paired = ratio to the named row (z of the paired "
               "per-segment NLL difference; |z| < 2 is a tie)\n")
-        print("| method | WikiText-2 | PTB | paired wiki | paired PTB | comp tokens | comp s |")
-        print("|---|---|---|---|---|---|---|")
+        heads = " | ".join(f"wiki vs {name} | PTB vs {name}" for name in references)
+        print(f"| method | WikiText-2 | PTB | {heads} | comp tokens | comp s |")
+        print("|---|---|---|" + "---|---|" * len(references) + "---|---|")
         for e in rows:
-            cells = []
-            for text in ("wikitext2", "ptb"):
-                cells.append(f"{e[f'{text}_ppl']:.2f} ± {e[f'{text}_ppl_stderr']:.2f}")
-            for text in ("wikitext2", "ptb"):
-                cmp = paired(e, ref, text) if ref is not None and e is not ref else None
-                cells.append("-" if cmp is None else f"{cmp[0]:.3f}x (z={cmp[1]:+.1f})")
+            cells = [f"{e[f'{text}_ppl']:.2f} ± {e[f'{text}_ppl_stderr']:.2f}" for text in ("wikitext2", "ptb")]
+            for ref in refs:
+                for text in ("wikitext2", "ptb"):
+                    cmp = paired(e, ref, text) if ref is not None and e is not ref else None
+                    cells.append("-" if cmp is None else f"{cmp[0]:.3f}x (z={cmp[1]:+.1f})")
             c = e.get("compensation_report") or {}
             cells.append(str(c.get("compensation_tokens", "-")))
             cells.append(str(e.get("compensation_seconds", "-")))

@@ -259,3 +259,59 @@ def test_incremental_refit_equals_full_refit_upstream_of_the_new_cut():
     for layer in (0, 2):
         assert torch.allclose(find_writer(model.model.layers[layer])[0].weight, weights_inc[layer], atol=1e-6)
     assert not torch.allclose(find_writer(model.model.layers[4])[0].weight, weights_inc[4], atol=1e-6)
+
+
+def _six_layer(kind: str):
+    """6-layer tiny LLaMA / Gemma-3 (sliding and full attention mixed), random weights."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    shared = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 6,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**shared)).eval()
+    layer_types = ["sliding_attention", "full_attention"] * 3
+    config = Gemma3TextConfig(**shared, head_dim=16, sliding_window=8, layer_types=layer_types)
+    return Gemma3ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("kind,n,refit", [("llama", 10, True), ("gemma3", 10, True), ("llama", 10, False),
+                                          ("gemma3", 1, True)])
+def test_cached_targets_and_replayed_prefix_give_the_streamed_fit(kind, n, refit, monkeypatch):
+    """One original pass for every placement's target and the pruned state replayed from placement
+    to placement give the same projections, bit for bit, as re-running both prefixes per placement
+    (the fallback past `target_cache_mib`)."""
+    import workers.engine.compensation as comp
+    from workers.engine.hidden import lm_loss
+
+    model = _six_layer(kind)
+    ids = _ids(n)  # n=1: nothing held out, judged on the fit split; refit=False: held-out split only judged
+    keep = [0, 2, 3, 5]  # two cuts: four placements, each merged (accept all) before the next
+    results = []
+    full_losses = []
+    for budget in (1024.0, 0.0):
+        copy_ = copy.deepcopy(model)
+        with monkeypatch.context() as patch:
+            if budget:  # the cached run must not re-run either prefix
+                patch.setattr(comp, "_pruned_rows", lambda *a: pytest.fail("pruned prefix re-run"))
+                patch.setattr(comp, "_original_rows", lambda *a: pytest.fail("original prefix re-run"))
+                patch.setattr(comp, "lm_loss", lambda *a: full_losses.append(1) or lm_loss(*a))
+            config = CompensationConfig(min_improvement=-1.0, target_cache_mib=budget, refit_on_all=refit)
+            report = compensate(copy_, keep, ids, config)
+        writers = [find_writer(copy_.model.layers[i])[0].weight.detach().clone() for i in keep]
+        results.append((report, writers))
+    (cached, w_cached), (streamed, w_streamed) = results
+    assert cached["tried_layers"] == streamed["tried_layers"] == [0, 2, 3, 5]
+    assert cached["layers"] == [0, 2, 3, 5]
+    for a, b in zip(cached["projections"], streamed["projections"], strict=True):
+        assert a["mse_before"] == b["mse_before"] and a["mse_after"] == b["mse_after"]
+        assert a["loss_after"] == b["loss_after"] and a.get("loss_after_refit") == b.get("loss_after_refit")
+    assert all(torch.equal(a, b) for a, b in zip(w_cached, w_streamed, strict=True))
+    assert len(full_losses) == 1  # only the loss before any projection runs the whole pruned model
+
+
+def test_target_cache_budget():
+    from workers.engine.compensation import target_cache_fits
+
+    assert target_cache_fits(4096, 576, 8, 1024.0)  # SmolLM2, 32 x 128 tokens, 8 placements: 72 MiB
+    assert not target_cache_fits(4096, 576, 8, 70.0)

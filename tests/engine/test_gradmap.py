@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -79,6 +80,27 @@ def test_every_residual_score_sees_an_identity_layer_as_free(tiny_llama, kind):
     assert scores[1] == pytest.approx(0.0, abs=1e-6)
     if kind != "residual_signed":  # the only signed score: others may go below zero
         assert min(scores[i] for i in (0, 2, 3)) > 1e-6
+
+
+def test_lookahead_sees_an_identity_layer_as_free_and_reranks_by_loss(tiny_llama):
+    from workers.engine.hidden import lm_loss
+
+    _make_identity(tiny_llama, 1)
+    ids = _ids()
+    full_loss = lm_loss(tiny_llama, ids, 4)
+    untouched = copy.deepcopy(tiny_llama)
+    outcome = prune(tiny_llama, ids, method="gradmap", target_sparsity=0.5,
+                    options={"compensation": False, "lookahead": 4})
+    report = outcome.report
+    first, second = report["decisions"]
+    assert set(first["lookahead_losses"]) == {"0", "1", "2", "3"}  # every candidate re-scored
+    assert first["lookahead_losses"]["1"] == pytest.approx(full_loss, abs=1e-6)  # identity: no loss change
+    for decision in (first, second):  # the exact loss decides, not the score
+        losses = decision["lookahead_losses"]
+        assert decision["chosen"] == int(min(losses, key=lambda k: (losses[k], int(k))))
+    assert report["lookahead_forwards"] == 4 + 3 and report["forward_passes"] == 2 + 7
+    plain = prune(untouched, ids, method="gradmap", target_sparsity=0.5, options={"compensation": False})
+    assert "lookahead_losses" not in plain.report["decisions"][0] and plain.report["forward_passes"] == 2
 
 
 def test_iterative_decisions_rescore_the_smaller_model(tiny_llama):

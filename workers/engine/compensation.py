@@ -37,6 +37,7 @@ from torch import nn
 
 from workers.engine.hidden import BlockIO, capture_forward, forward_ids, lm_loss, micro_batches
 from workers.engine.layers import find_layers, layer_subset
+from workers.engine.replay import PrefixReplay
 
 Placement = Literal["after_cut", "before_cut", "around_cut", "max_relative_shift", "max_shift"]
 
@@ -58,6 +59,11 @@ class CompensationConfig:
     min_improvement: float = 0.0  # relative held-out loss drop a projection needs to be kept
     refit_on_all: bool = True  # once a projection passed the held-out check, refit it on fit + held-out rows
     micro_batch_size: int = 4
+    # The original model's targets of every placement are captured in one pass, and the pruned
+    # model's state is replayed from placement to placement (`PrefixReplay`), while they fit in this
+    # many MiB (rows x d x 4 bytes per target layer, plus one for the state); beyond it each
+    # placement re-runs both prefixes, so memory stays bounded.
+    target_cache_mib: float = 1024.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,6 +461,22 @@ def _pruned_rows(
 
 
 @torch.no_grad()
+def _replayed_rows(
+    prefix: PrefixReplay, index: int, position: int, writer: nn.Linear, post_norm: nn.Module | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_pruned_rows` for micro-batch `index`, from the replayed state entering the placement."""
+    captured: list[torch.Tensor] = []
+    handle = writer.register_forward_hook(lambda m, a, out: captured.append(out.detach().float()))
+    try:
+        output = prefix.run_block(index, position)
+    finally:
+        handle.remove()
+    z = _token_rows(captured[-1])
+    contribution = apply_writer(z, torch.eye(z.shape[1], device=z.device), post_norm)
+    return z, _token_rows(output) - contribution
+
+
+@torch.no_grad()
 def capture_pruned(
     model: nn.Module,
     keep: Sequence[int],
@@ -478,6 +500,37 @@ def capture_pruned(
     return torch.cat(zs)[:max_tokens], torch.cat(residuals)[:max_tokens]
 
 
+TargetCache = list[dict[int, torch.Tensor]]  # per micro-batch: original layer -> target rows
+
+
+@torch.no_grad()
+def original_targets(
+    model: nn.Module,
+    target_layers: Collection[int],
+    ids: torch.Tensor,
+    originals: OriginalWeights,
+    micro_batch_size: int,
+    check_cancel: Callable[[], None] = lambda: None,
+) -> TargetCache:
+    """The original model's outputs at every target layer, one forward per micro-batch (writers unmerged).
+
+    The same micro-batches as `stream_placement`, so its rows are the ones that pass would compute.
+    """
+    wanted = sorted(set(target_layers))
+    cache: TargetCache = []
+    for batch in micro_batches(ids, micro_batch_size):
+        check_cancel()
+        with originals.active(), BlockIO(model, wanted, inputs=False, stop_after=wanted[-1]) as io:
+            capture_forward(model, batch)
+        cache.append({layer: _token_rows(io.outputs[layer]) for layer in wanted})
+    return cache
+
+
+def target_cache_fits(tokens: int, dim: int, n_targets: int, budget_mib: float) -> bool:
+    """Whether the fp32 targets of `n_targets` layers of width `dim` for `tokens` rows fit the budget."""
+    return tokens * dim * 4 * n_targets <= budget_mib * 2**20
+
+
 @dataclass
 class Capture:
     """One streaming pass at a placement: its normal equations and, for refinement, some rows."""
@@ -497,21 +550,33 @@ def stream_placement(
     micro_batch_size: int,
     keep_rows: int = 0,
     check_cancel: Callable[[], None] = lambda: None,
+    targets: TargetCache | None = None,
+    prefix: PrefixReplay | None = None,
 ) -> Capture:
     """Accumulate X^T X / X^T Y of a placement over `ids`, one micro-batch at a time.
 
-    Per micro-batch the original model (writers unmerged) gives the target and the pruned model
-    (with every projection merged so far) gives z and the residual; only `keep_rows` rows are kept.
+    Per micro-batch the original model (writers unmerged) gives the target -- or `targets`, the
+    same rows captured beforehand by `original_targets` -- and the pruned model (with every
+    projection merged so far) gives z and the residual -- or `prefix`, the pruned model's state
+    replayed from the previous placement; only `keep_rows` rows are kept.
     """
-    _, post_norm, _ = find_writer(find_layers(model).layers[keep[position]])
+    writer, post_norm, _ = find_writer(find_layers(model).layers[keep[position]])
+    if prefix is not None:
+        prefix.advance(position)
     equations: NormalEquations | None = None
     kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     n_kept = 0
-    for batch in micro_batches(ids, micro_batch_size):
+    for index, batch in enumerate(micro_batches(ids, micro_batch_size)):
         check_cancel()
-        with originals.active():
-            target = _original_rows(model, target_layer, batch)
-        z, residual = _pruned_rows(model, keep, position, batch)
+        if targets is not None:
+            target = targets[index][target_layer]
+        else:
+            with originals.active():
+                target = _original_rows(model, target_layer, batch)
+        if prefix is not None:
+            z, residual = _replayed_rows(prefix, index, position, writer, post_norm)
+        else:
+            z, residual = _pruned_rows(model, keep, position, batch)
         x, y = design_rows(z, residual, target, post_norm)
         if equations is None:
             equations = NormalEquations(x.shape[1], x.device)
@@ -539,6 +604,46 @@ def _solve(captures: Sequence[Capture], post_norm: nn.Module | None, config: Com
             z, residual, target, post_norm, projection, config.ridge, config.refine_steps, config.refine_lr
         )
     return projection
+
+
+@dataclass
+class SplitCache:
+    """What one split's streaming passes reuse: the original targets and the replayed pruned prefix."""
+
+    targets: TargetCache | None  # None where this split is never streamed (only judged)
+    prefix: PrefixReplay
+
+
+def cache_splits(
+    model: nn.Module,
+    keep: Sequence[int],
+    usable: Sequence[int],
+    targets: dict[int, int],
+    splits: tuple[torch.Tensor, torch.Tensor],
+    stream_heldout: bool,
+    originals: OriginalWeights,
+    config: CompensationConfig,
+    check_cancel: Callable[[], None],
+) -> tuple[SplitCache | None, SplitCache | None]:
+    """Per split (fit, held-out): targets of every placement (where streamed) and the prefix replay,
+    or None for an empty split or over budget."""
+    layers = find_layers(model).layers
+    dim = find_writer(layers[keep[usable[0]]])[0].out_features
+    wanted = sorted({targets[p] for p in usable})
+    total = sum(ids.numel() for ids in splits)
+    if not target_cache_fits(total, dim, len(wanted) + 1, config.target_cache_mib):  # + 1: replayed states
+        return None, None
+    mb = config.micro_batch_size
+
+    def build(ids: torch.Tensor, streamed: bool) -> SplitCache | None:
+        if ids.shape[0] == 0:
+            return None
+        return SplitCache(
+            original_targets(model, wanted, ids, originals, mb, check_cancel) if streamed else None,
+            PrefixReplay(model, keep, ids, mb, usable[0], usable[-1], check_cancel),
+        )
+
+    return build(splits[0], True), build(splits[1], stream_heldout)
 
 
 def compensate(
@@ -589,7 +694,7 @@ def compensate(
         report["seconds"] = round(time.perf_counter() - started, 3)
         return report
 
-    def pruned_loss(batch: torch.Tensor) -> float | None:
+    def full_loss(batch: torch.Tensor) -> float | None:
         if batch.shape[0] == 0:
             return None
         with layer_subset(model, keep):
@@ -598,17 +703,30 @@ def compensate(
     # Each projection is judged on its own: kept only if it lowers the held-out next-token loss
     # (the fit split when nothing could be held out), otherwise rolled back before the next one.
     judge_ids = heldout_ids if n_heldout else fit_ids
-    loss_before = pruned_loss(judge_ids)
+    loss_before = full_loss(judge_ids)
     current = loss_before
     targets = {position: target_index(keep, position, n_layers) for position in usable}
     if originals is None:
         originals = OriginalWeights([find_writer(layers[keep[p]])[0] for p in usable])
     keep_rows = config.max_tokens if config.refine_steps > 0 else 0
+    with_heldout = bool(n_heldout) and config.refit_on_all
+    cached = cache_splits(model, keep, usable, targets, (fit_ids, heldout_ids), with_heldout, originals, config,
+                          check_cancel)
+    judge = cached[1] if n_heldout else cached[0]
 
-    def stream(position: int, batch_ids: torch.Tensor) -> Capture:
+    def pruned_loss(position: int) -> float | None:
+        """Loss on the judging split with the current weights; from the replay at `position` when cached."""
+        if judge is None:
+            return full_loss(judge_ids)
+        judge.prefix.advance(position)
+        return judge.prefix.loss(judge_ids, config.micro_batch_size)
+
+    def stream(position: int, split: int) -> Capture:
+        cache = cached[split]
         return stream_placement(
-            model, keep, position, targets[position], batch_ids, originals, config.micro_batch_size,
-            keep_rows, check_cancel,
+            model, keep, position, targets[position], (fit_ids, heldout_ids)[split], originals,
+            config.micro_batch_size, keep_rows, check_cancel,
+            targets=None if cache is None else cache.targets, prefix=None if cache is None else cache.prefix,
         )
 
     for step, position in enumerate(usable):
@@ -616,9 +734,9 @@ def compensate(
         progress(step / len(usable), f"fitting projection at layer {keep[position]}")
         writer, post_norm, writer_name = find_writer(layers[keep[position]])
         # Later placements see the pruned model with earlier (kept) projections already merged.
-        fit = stream(position, fit_ids)
+        fit = stream(position, 0)
         # The held-out rows' equations only serve the refit on all rows (and its report).
-        heldout = stream(position, heldout_ids) if n_heldout and config.refit_on_all else None
+        heldout = stream(position, 1) if with_heldout else None
         projection = _solve([fit], post_norm, config)
         eye = torch.eye(projection.shape[0])
         entry = {
@@ -637,7 +755,7 @@ def compensate(
             entry["heldout_mse_after"] = heldout.equations.mse(projection)
         restore_writer = snapshot_linear(writer)
         merge_projection(writer, projection)
-        candidate = pruned_loss(judge_ids)
+        candidate = pruned_loss(position)
         bar = None if current is None else current * (1.0 - config.min_improvement)
         accepted = candidate is not None and bar is not None and candidate < bar
         entry.update({"loss_before": current, "loss_after": candidate, "kept": bool(accepted)})
@@ -646,7 +764,7 @@ def compensate(
             projection = _solve([fit, heldout], post_norm, config)
             restore_writer()
             merge_projection(writer, projection)
-            candidate = pruned_loss(judge_ids)
+            candidate = pruned_loss(position)
             entry.update({"refit_on_all_rows": int(fit.equations.rows + heldout.equations.rows),
                           "loss_after_refit": candidate})
         if accepted:

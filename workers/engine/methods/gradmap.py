@@ -15,9 +15,12 @@ from collections.abc import Collection
 from dataclasses import replace
 from typing import Literal
 
+import torch
 from pydantic import Field
+from torch import nn
 
 from workers.engine.compensation import OriginalWeights, compensate, find_writer
+from workers.engine.hidden import lm_loss
 from workers.engine.layers import find_layers, layer_subset
 from workers.engine.methods.gradient_scores import ResidualScore, WeightScore, gradient_scores
 from workers.engine.methods.layer_common import (
@@ -60,6 +63,15 @@ class GradMAPOptions(CompensatedOptions):
             "refitted from the original weights on the compensation budget)."
         ),
     )
+    lookahead: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description=(
+            "Iterative only: re-rank the N lowest-scored candidates of every decision by the exact calibration "
+            "loss of the current model without each (N extra forwards per decision); 0 or 1: the score decides."
+        ),
+    )
     in_loop_refit: Literal["incremental", "full"] = Field(
         "incremental",
         description=(
@@ -84,10 +96,22 @@ def cut_neighbours(n_layers: int, removed: Collection[int], cut: int) -> list[in
     return [i for i in (start - 1, end + 1) if 0 <= i < n_layers]
 
 
+def lookahead_choice(
+    model: nn.Module, keep: list[int], scores: dict[int, float], ids: torch.Tensor, n: int, micro_batch_size: int
+) -> tuple[int, dict[int, float]]:
+    """Among the n lowest-scored candidates, the one whose removal leaves the lowest loss on `ids`."""
+    shortlist = sorted(scores, key=lambda i: (scores[i], i))[:n]
+    losses = {}
+    for layer in shortlist:
+        with layer_subset(model, [i for i in keep if i != layer]):
+            losses[layer] = lm_loss(model, ids, micro_batch_size)
+    return min(shortlist, key=lambda i: (losses[i], i)), losses
+
+
 def select(inp: SelectorInput) -> Selection:
     ctx = inp.ctx
     options: GradMAPOptions = ctx.options  # type: ignore[assignment]
-    counter = {"backward_calls": 0}
+    counter = {"backward_calls": 0, "lookahead_forwards": 0}
 
     def count() -> None:
         counter["backward_calls"] += 1
@@ -118,7 +142,14 @@ def select(inp: SelectorInput) -> Selection:
                 keep = [i for i in range(inp.n_layers) if i not in set(removed)]
                 scores = {layer: s for layer, s in score(keep).items() if layer not in set(removed)}
                 chosen = pick_lowest(scores)
-                extra = {}
+                extra: dict[str, object] = {}
+                if options.lookahead > 1:
+                    ctx.check_cancel()
+                    chosen, losses = lookahead_choice(
+                        ctx.model, keep, scores, ctx.calibration, options.lookahead, options.micro_batch_size
+                    )
+                    counter["lookahead_forwards"] += len(losses)
+                    extra["lookahead_losses"] = {str(layer): loss for layer, loss in sorted(losses.items())}
                 removed.append(chosen)
                 if options.compensate_in_loop and step + 1 < inp.k:
                     fit_started = time.perf_counter()
@@ -150,9 +181,10 @@ def select(inp: SelectorInput) -> Selection:
     return Selection(
         removed=sorted(removed),
         decisions=decisions,
-        forward_passes=passes,
+        forward_passes=passes + counter["lookahead_forwards"],
         backward_passes=passes,
-        extra={"score": options.score, "backward_calls": counter["backward_calls"], "removal_order": removed},
+        extra={"score": options.score, "backward_calls": counter["backward_calls"], "removal_order": removed,
+               "lookahead_forwards": counter["lookahead_forwards"]},
     )
 
 
