@@ -225,3 +225,10 @@ def test_deeply_nested_or_non_finite_json_bodies_are_4xx(api: Api, model_root: P
     detail = assert_problem(api.post("/v1/jobs", content=body, headers=headers), 422, "validation_error")["detail"]
     assert "finite" in detail
     assert job_count(api) == 0
+
+
+def test_a_home_directory_of_an_unknown_user_is_422(api: Api, model_root: Path) -> None:
+    # Path.expanduser raises RuntimeError for "~<user>" when no such user exists (found by schemathesis).
+    for dry_run in ("true", "false"):
+        response = api.post("/v1/jobs", params={"dry_run": dry_run}, json=tiny_job(model_root, model="~no-such-user-x"))
+        assert_problem(response, 422, "unknown_model")

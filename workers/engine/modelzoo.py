@@ -123,7 +123,10 @@ def check_model_id(model_id: str, allowed_roots: list[Path] | None = None) -> st
 
 def resolve_local_dir(path: str, allowed_roots: list[Path]) -> Path:
     """Return the real path of a local model directory, only if it lies under an allowed root."""
-    real = Path(path).expanduser().resolve()
+    try:
+        real = Path(path).expanduser().resolve()
+    except RuntimeError as exc:  # "~name" for a user that does not exist
+        raise EngineError("unknown_model", f"Local model path {path!r} cannot be resolved: {exc}") from exc
     roots = [Path(r).expanduser().resolve() for r in allowed_roots]
     if not any(real == root or root in real.parents for root in roots):
         allowed = ", ".join(str(r) for r in roots) or "none configured (set SLIMFORGE_ALLOWED_MODEL_ROOTS)"
