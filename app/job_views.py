@@ -40,12 +40,6 @@ def version_of(row: Job | Row[Any]) -> tuple[datetime | None, int, str]:
     return row.updated_at, row.event_count, row.status
 
 
-def etag_of(version: tuple[datetime | None, int, str]) -> str:
-    updated, events, status = version
-    stamp = updated.timestamp() if updated else 0.0
-    return f'W/"{events}-{stamp:.6f}-{status}"'
-
-
 @dataclass(frozen=True)
 class JobView:
     tenant_id: str
@@ -54,7 +48,10 @@ class JobView:
 
     @property
     def etag(self) -> str:
-        return etag_of(self.version)
+        """Changes whenever the row does: every write bumps updated_at, every event event_count."""
+        updated, events, status = self.version
+        stamp = updated.timestamp() if updated else 0.0
+        return f'W/"{events}-{stamp:.6f}-{status}"'
 
     @property
     def event_count(self) -> int:
@@ -100,10 +97,6 @@ class JobViews:
     def invalidate(self, job_id: str) -> None:
         with self._lock:
             self._views.pop(job_id, None)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._views.clear()
 
     def check(self, sessions: sessionmaker[Session], job_id: str) -> JobView | None:
         """The current view from the database (None: no such job); renders only if the row changed."""

@@ -26,8 +26,9 @@ THREADPOOL_SIZE = 32
 
 
 @asynccontextmanager
-async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     anyio.to_thread.current_default_thread_limiter().total_tokens = THREADPOOL_SIZE
+    app.state.services.watch_events()  # job events drop cached job views (app.job_views) in this process
     freeze_long_lived()
     yield
 

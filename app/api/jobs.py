@@ -107,7 +107,6 @@ async def get_job(job_id: str, request: Request, services: ServicesDep, tenant: 
 
     Served from app.job_views: at most `job_read_max_age_seconds` behind the store, status changes at once.
     """
-    services.watch_events()
     view = await JOB_VIEWS.get(services.sessions, job_id, services.settings.job_read_max_age_seconds)
     if view is None or view.tenant_id != tenant:  # another tenant's job is reported like a missing one
         raise ApiError(404, "job_not_found", f"Job {job_id!r} does not exist.")
