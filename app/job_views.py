@@ -73,6 +73,9 @@ class JobViews:
         self.capacity = capacity
         self._lock = threading.Lock()
         self._views: OrderedDict[str, tuple[JobView, float]] = OrderedDict()
+        # Invalidations per job: a check that raced one (read the row before the change committed)
+        # stores its view as already stale, so the next poll reads again.
+        self._epochs: dict[str, int] = {}
         self._checks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[JobView | None]]] = {}
 
     def fresh(self, job_id: str, max_age: float) -> JobView | None:
@@ -87,8 +90,13 @@ class JobViews:
             entry = self._views.get(job_id)
         return entry[0] if entry else None
 
-    def _store(self, job_id: str, view: JobView, checked: float) -> None:
+    def epoch(self, job_id: str) -> int:
+        return self._epochs.get(job_id, 0)
+
+    def _store(self, job_id: str, view: JobView, checked: float, epoch: int) -> None:
         with self._lock:
+            if self._epochs.get(job_id, 0) != epoch:
+                checked = float("-inf")
             self._views[job_id] = (view, checked)
             self._views.move_to_end(job_id)
             while len(self._views) > self.capacity:
@@ -97,10 +105,13 @@ class JobViews:
     def invalidate(self, job_id: str) -> None:
         with self._lock:
             self._views.pop(job_id, None)
+            if len(self._epochs) > self.capacity:
+                self._epochs.clear()
+            self._epochs[job_id] = self._epochs.get(job_id, 0) + 1
 
     def check(self, sessions: sessionmaker[Session], job_id: str) -> JobView | None:
         """The current view from the database (None: no such job); renders only if the row changed."""
-        started = time.monotonic()
+        started, epoch = time.monotonic(), self.epoch(job_id)
         known = self._known(job_id)
         with sessions() as session:
             if known is not None:
@@ -109,13 +120,13 @@ class JobViews:
                     self.invalidate(job_id)
                     return None
                 if version_of(row) == known.version:
-                    self._store(job_id, known, started)
+                    self._store(job_id, known, started, epoch)
                     return known
             job = session.get(Job, job_id)
             if job is None:
                 return None
             view = render(job)
-        self._store(job_id, view, started)
+        self._store(job_id, view, started, epoch)
         return view
 
     async def get(self, sessions: sessionmaker[Session], job_id: str, max_age: float) -> JobView | None:
@@ -135,6 +146,7 @@ class JobViews:
     def bodies(self, session: Session, rows: Sequence[Row[Any]]) -> list[bytes]:
         """JSON bodies for version rows (VERSION_COLUMNS), rendering only the jobs that changed."""
         started = time.monotonic()
+        epochs = {row.id: self.epoch(row.id) for row in rows}
         views: dict[str, JobView] = {}
         for row in rows:
             known = self._known(row.id)
@@ -145,7 +157,7 @@ class JobViews:
             for job in session.scalars(select(Job).where(Job.id.in_(missing))):
                 views[job.id] = render(job)
         for job_id, view in views.items():
-            self._store(job_id, view, started)
+            self._store(job_id, view, started, epochs[job_id])
         return [views[row.id].body for row in rows if row.id in views]
 
 

@@ -361,3 +361,17 @@ def test_an_event_from_another_process_reaches_this_process_cache_through_redis(
                 assert time.monotonic() < deadline, "the relayed event never dropped the cached view"
                 time.sleep(0.02)
         app.state.services.engine.dispose()
+
+
+def test_a_check_that_raced_an_event_is_not_served_as_fresh(api: Api, model_root: Path) -> None:
+    """A check that read the row before a change committed must not hide that change for max_age."""
+    from app.job_views import JOB_VIEWS
+
+    job_id = api.post("/v1/jobs", json=tiny_job(model_root)).json()["id"]
+    sessions = api.client.app.state.services.sessions
+    JOB_VIEWS.invalidate(job_id)
+    epoch = JOB_VIEWS.epoch(job_id)
+    JOB_VIEWS.invalidate(job_id)  # an event lands while that check is still running
+    JOB_VIEWS._store(job_id, JOB_VIEWS.check(sessions, job_id), time.monotonic(), epoch)  # type: ignore[arg-type]
+    assert JOB_VIEWS.fresh(job_id, 10.0) is None
+    assert JOB_VIEWS.check(sessions, job_id) is not None and JOB_VIEWS.fresh(job_id, 10.0) is not None
