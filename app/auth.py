@@ -89,7 +89,13 @@ def bootstrap_keys(session: Session, bootstrap_key: str | None) -> str | None:
 
 
 class KeyCache:
-    """key hash -> (tenant, expiry). Only valid keys are cached; misses always ask the database."""
+    """key hash -> (tenant, expiry). Only valid keys are cached; misses always ask the database.
+
+    An entry is due for a refresh in the last quarter of its life (`due`): the API re-reads it then,
+    in the background, while requests keep using it. Letting it expire instead sends every request
+    in flight to the database at the same instant (measured: ~100 requests at once, 1-1.8 s each,
+    every 10 s under a saturating load).
+    """
 
     def __init__(self, ttl: float = KEY_CACHE_TTL_SECONDS, max_entries: int = 10_000) -> None:
         self.ttl = ttl
@@ -102,6 +108,10 @@ class KeyCache:
         if entry is None or entry[1] < time.monotonic():
             return None
         return entry[0]
+
+    def due(self, digest: str) -> bool:
+        entry = self._entries.get(digest)
+        return entry is not None and entry[1] - time.monotonic() < self.ttl / 4
 
     def put(self, digest: str, tenant: str) -> None:
         with self._lock:

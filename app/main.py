@@ -11,7 +11,7 @@ from fastapi_offline import FastAPIOffline
 
 from app.api import artifacts, catalog, datasets, evaluations, health, jobs, ui
 from app.errors import install_error_handlers
-from app.heap import freeze_long_lived
+from app.heap import freeze_long_lived, freeze_survivors_of_full_passes
 from app.inputs import ControlCharGuard
 from app.limits import BodySizeLimit
 from app.metrics import HttpLatency
@@ -30,6 +30,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     anyio.to_thread.current_default_thread_limiter().total_tokens = THREADPOOL_SIZE
     app.state.services.watch_events()  # job events drop cached job views (app.job_views) in this process
     freeze_long_lived()
+    freeze_survivors_of_full_passes()
     yield
 
 

@@ -8,15 +8,20 @@ route body is the only thread hop, and the session is closed on the event loop.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
 from app.auth import KEY_CACHE, bearer_digest, lookup_tenant
+from app.errors import ApiError
 from app.services import Services
+from app.singleflight import SingleFlight
+
+log = logging.getLogger(__name__)
 
 
 async def get_services(request: Request) -> Services:
@@ -32,11 +37,29 @@ async def get_session(services: Annotated[Services, Depends(get_services)]) -> A
         session.close()
 
 
+# Key lookups in flight, shared: a burst of requests with one uncached key costs one read.
+_LOOKUPS: SingleFlight[str] = SingleFlight()
+_REFRESHES: set[asyncio.Task[None]] = set()  # referenced until done (the loop holds tasks weakly)
+
+
+async def _refresh_key(services: Services, digest: str) -> None:
+    try:
+        await _LOOKUPS.run(digest, lookup_tenant, services.sessions, digest)
+    except ApiError:  # revoked meanwhile: the next request reads it again and gets its 401
+        KEY_CACHE.forget(digest)
+    except Exception as exc:  # the database is away: the entry serves until it expires
+        log.warning("could not refresh a cached API key: %s", exc)
+
+
 async def get_tenant(request: Request, services: Annotated[Services, Depends(get_services)]) -> str:
     digest = bearer_digest(request)
     tenant = KEY_CACHE.get(digest)
     if tenant is None:
-        tenant = await run_in_threadpool(lookup_tenant, services.sessions, digest)
+        return await _LOOKUPS.run(digest, lookup_tenant, services.sessions, digest)
+    if KEY_CACHE.due(digest) and not _LOOKUPS.in_flight(digest):
+        task = asyncio.create_task(_refresh_key(services, digest))
+        _REFRESHES.add(task)
+        task.add_done_callback(_REFRESHES.discard)
     return tenant
 
 

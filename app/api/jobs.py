@@ -14,17 +14,17 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import Row, and_, or_, select, update
-from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ServicesDep, SessionDep, TenantDep
 from app.auth import bearer_digest
 from app.dryrun import dry_run as run_dry_run
 from app.errors import ApiError, is_disk_full, no_space_left
+from app.event_pages import EVENT_PAGES, EventPage, read_events, sse_frame
 from app.events import TooManyStreams, is_terminal_event
 from app.inputs import EventCursor, parse_last_event_id, require_plain_text
 from app.job_views import JOB_VIEWS, VERSION_COLUMNS
 from app.jobs_service import add_event, create_job, idempotent_twin, request_hash, tenant_job, validate_job
-from app.models import JOB_STATUSES, TERMINAL_STATUSES, Job, JobEvent, utcnow
+from app.models import JOB_STATUSES, TERMINAL_STATUSES, Job, utcnow
 from app.openapi import V1_RESPONSES, responses, text_response
 from app.quotas import check_job_quota, check_storage_quota
 from app.schemas import DryRunOut, EventOut, JobCreate, JobOut, JobPage
@@ -32,8 +32,8 @@ from app.webhooks import notify_terminal
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=V1_RESPONSES)
-EVENT_PAGE = 500
 FRAME_KEY = "_sse_frame"  # set on a hub payload once its SSE frame is rendered
+NOTHING = EventPage((), terminal=False)
 
 
 @router.post(
@@ -225,17 +225,10 @@ def retry_job(job_id: str, response: Response, services: ServicesDep, session: S
     return JobOut.from_row(job)
 
 
-def _events_after(session: SessionDep, job_id: str, after: int, limit: int = EVENT_PAGE) -> list[EventOut]:
-    rows = session.scalars(
-        select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after).order_by(JobEvent.seq).limit(limit)
-    ).all()
-    return [EventOut.model_validate(row, from_attributes=True) for row in rows]
-
-
 @router.get("/{job_id}/events", response_model=list[EventOut], responses=responses(404))
 def list_events(job_id: str, session: SessionDep, tenant: TenantDep, after: EventCursor = 0) -> list[EventOut]:
     tenant_job(session, tenant, job_id)
-    return _events_after(session, job_id, after)
+    return read_events(session, job_id, after)
 
 
 @router.get(
@@ -256,7 +249,10 @@ async def stream_events(
     a gap, and at each keep-alive.
     """
     last = parse_last_event_id(request.headers.get("last-event-id"), after)
-    await run_in_threadpool(_check_job, services, tenant, job_id)
+    max_age = services.settings.job_read_max_age_seconds
+    view = await JOB_VIEWS.get(services.sessions, job_id, max_age)
+    if view is None or view.tenant_id != tenant:  # another tenant's job is reported like a missing one
+        raise ApiError(404, "job_not_found", f"Job {job_id!r} does not exist.")
     try:
         subscription = services.subscribe(job_id, owner=bearer_digest(request))
     except TooManyStreams:
@@ -269,8 +265,9 @@ async def stream_events(
         ) from None
     heartbeat = services.settings.sse_heartbeat_seconds
 
-    async def catch_up() -> tuple[list[EventOut], bool]:
-        return await run_in_threadpool(_events_and_terminal, services, job_id, last)
+    async def catch_up() -> EventPage:
+        """Shared with every stream of this job that asks the same now (app.event_pages)."""
+        return await EVENT_PAGES.after(services.sessions, job_id, last, max_age)
 
     async def missed_something() -> bool:
         """Whether the store holds an event this stream has not sent, or the job has ended.
@@ -278,30 +275,27 @@ async def stream_events(
         Answered from the job's cached view (app.job_views), which all streams and polls of the
         job in this process share, so a keep-alive costs at most one small read per job.
         """
-        view = await JOB_VIEWS.get(services.sessions, job_id, services.settings.job_read_max_age_seconds)
+        view = await JOB_VIEWS.get(services.sessions, job_id, max_age)
         return view is None or view.event_count > last or view.status in TERMINAL_STATUSES
-
-    def frame(event: EventOut) -> str:
-        return f"id: {event.seq}\nevent: {event.kind}\ndata: {event.model_dump_json()}\n\n"
 
     def live_frame(payload: dict[str, Any]) -> str:
         """A published event's frame, rendered once for every stream of this process that receives it."""
         rendered = payload.get(FRAME_KEY)
         if rendered is None:
-            rendered = payload[FRAME_KEY] = frame(EventOut.model_validate(payload))
+            rendered = payload[FRAME_KEY] = sse_frame(EventOut.model_validate(payload))
         return rendered
 
     async def generate() -> AsyncIterator[str]:
         nonlocal last
         try:
             # Subscribed before this first read, so nothing committed in between is missed.
-            events, terminal = await catch_up()
+            page = await catch_up()
             while True:
-                for event in events:
-                    if event.seq > last:
-                        last = event.seq
-                        yield frame(event)
-                if terminal:
+                unsent = [(seq, rendered) for seq, rendered in page.frames if seq > last]
+                if unsent:  # one write for the whole page: a resume of hundreds of events is one chunk
+                    last = unsent[-1][0]
+                    yield "".join(rendered for _, rendered in unsent)
+                if page.terminal:
                     return
                 try:
                     # Jittered, so streams opened together do not all wake in the same instant.
@@ -309,34 +303,19 @@ async def stream_events(
                     payload = await asyncio.wait_for(subscription.queue.get(), timeout=wait)
                 except TimeoutError:
                     yield ": keep-alive\n\n"
-                    if await missed_something():
-                        events, terminal = await catch_up()
+                    page = await catch_up() if await missed_something() else NOTHING
                     continue
                 if payload["seq"] <= last:
-                    events, terminal = [], False
+                    page = NOTHING
                 elif payload["seq"] == last + 1:
                     last = payload["seq"]
                     yield live_frame(payload)
-                    events, terminal = [], is_terminal_event(payload)
+                    page = EventPage((), terminal=is_terminal_event(payload))
                 else:  # a gap (a message lost or dropped): read the missing events from the database
-                    events, terminal = await catch_up()
+                    page = await catch_up()
         finally:
             subscription.close()
 
     return StreamingResponse(
         generate(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
-
-
-def _check_job(services: ServicesDep, tenant: str, job_id: str) -> None:
-    with services.sessions() as session:
-        tenant_job(session, tenant, job_id)
-
-
-def _events_and_terminal(services: ServicesDep, job_id: str, after: int) -> tuple[list[EventOut], bool]:
-    """Events after `after`, and whether the stream may end after them (job terminal, nothing left)."""
-    with services.sessions() as session:
-        events = _events_after(session, job_id, after)
-        status = session.scalar(select(Job.status).where(Job.id == job_id))
-    complete = len(events) < EVENT_PAGE
-    return events, complete and status in TERMINAL_STATUSES

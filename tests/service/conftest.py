@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 
 from app.settings import Settings
@@ -134,3 +138,27 @@ def tiny_job(model_root: Path, **overrides: object) -> dict[str, object]:
     }
     body.update(overrides)
     return body
+
+
+@pytest.fixture
+def live_server(database_url: str, tmp_path: Path, model_root: Path) -> Iterator[tuple[str, Api]]:
+    """The app under a real uvicorn (threadpool and all) on a free loopback port, as `slimforge serve` runs it."""
+    from app.cli import server_options
+    from app.main import create_app
+
+    settings = make_settings(tmp_path / "data", database_url, model_root)
+    prepare_store(settings)
+    app = create_app(settings)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, **server_options("127.0.0.1", port, "warning", False)))  # type: ignore[arg-type]
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    with TestClient(app) as client:
+        yield f"http://127.0.0.1:{port}", Api(client, settings)
+    server.should_exit = True
+    thread.join(timeout=30)
+    app.state.services.engine.dispose()

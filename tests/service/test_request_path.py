@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from app.auth import KEY_CACHE, generate_key, hash_key, public_id, revoke_key
@@ -164,27 +160,6 @@ def test_streams_per_key_are_capped_with_429(database_url: str, tmp_path: Path, 
         api.post(f"/v1/jobs/{job_id}/cancel")
         for thread in threads:
             thread.join(timeout=60)
-
-
-@pytest.fixture
-def live_server(database_url: str, tmp_path: Path, model_root: Path) -> Iterator[tuple[str, Api]]:
-    """The app under a real uvicorn (threadpool and all) on a free loopback port."""
-    settings = make_settings(tmp_path / "data", database_url, model_root)
-    prepare_store(settings)
-    app = create_app(settings)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    with TestClient(app) as client:
-        yield f"http://127.0.0.1:{port}", Api(client, settings)
-    server.should_exit = True
-    thread.join(timeout=30)
-    app.state.services.engine.dispose()
 
 
 def test_hundreds_of_concurrent_polls_never_starve_the_api(live_server: tuple[str, Api], model_root: Path) -> None:
