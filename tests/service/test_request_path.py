@@ -167,15 +167,16 @@ def test_hundreds_of_concurrent_polls_never_starve_the_api(live_server: tuple[st
     base, api = live_server
     job_id = api.post("/v1/jobs", json=tiny_job(model_root)).json()["id"]
 
-    async def storm() -> list[int]:
+    async def storm() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=300)
         async with httpx.AsyncClient(base_url=base, headers=api.headers(), timeout=60, limits=limits) as client:
             polls = [client.get(f"/v1/jobs/{job_id}") for _ in range(300)]
             lists = [client.get("/v1/jobs?limit=5") for _ in range(50)]
-            return [r.status_code for r in await asyncio.gather(*polls, *lists, client.get("/healthz"))]
+            return await asyncio.gather(*polls, *lists, client.get("/healthz"))
 
-    codes = asyncio.run(storm())
-    assert codes == [200] * len(codes)
+    answers = asyncio.run(storm())
+    refused = [(r.request.url.path, r.status_code, r.text[:300]) for r in answers if r.status_code != 200]
+    assert not refused, refused[:5]
 
 
 def test_sweeper_resends_exactly_the_queued_jobs_redis_lost(tmp_path: Path, model_root: Path) -> None:
