@@ -42,10 +42,6 @@ class EventPage:
     frames: tuple[tuple[int, str], ...]  # (seq, SSE frame), in order
     terminal: bool  # the job has ended and no event is left after this page
 
-    @property
-    def last_seq(self) -> int | None:
-        return self.frames[-1][0] if self.frames else None
-
 
 def read_events(session: Session, job_id: str, after: int, limit: int = PAGE_SIZE) -> list[EventOut]:
     rows = session.scalars(
