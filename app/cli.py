@@ -85,6 +85,10 @@ def server_options(host: str, port: int, log_level: str, access_log: bool) -> di
     # closed loop, uvloop left some connections unread for up to 10 s while it served the others
     # (p99 7.2 s, timeouts), where asyncio serves the same load at the same rate with p99 174 ms
     # (docs/reliability.md). The protocol answers /healthz before the loop's queue (app.health_protocol).
+    # Idle connections stay open 75 s, not uvicorn's 5 s: clients keep theirs for about 5 s (httpx,
+    # aiohttp) to 60 s (load balancers), and a server that closes first races a poll sent on the
+    # closing socket, which the client sees as a reset (CI's polling storm did; tests/service/
+    # test_request_path.py). Outliving the client's timeout leaves the close to the client.
     return dict(
         host=host,
         port=port,
@@ -92,6 +96,7 @@ def server_options(host: str, port: int, log_level: str, access_log: bool) -> di
         access_log=access_log,
         loop="asyncio",
         http="app.health_protocol:FastHealthProtocol",
+        timeout_keep_alive=75,
     )
 
 

@@ -179,6 +179,22 @@ def test_hundreds_of_concurrent_polls_never_starve_the_api(live_server: tuple[st
     assert not refused, refused[:5]
 
 
+def test_an_idle_connection_outlives_the_clients_keepalive(live_server: tuple[str, Api]) -> None:
+    """A poll sent on a connection idle for longer than httpx's 5 s keep-alive still gets its answer.
+
+    With uvicorn's default 5 s the server closed such connections as the client reused them: the
+    storm above failed with ReadError whenever it ran longer than 5 s on a loaded machine.
+    """
+    base, api = live_server
+    with httpx.Client(base_url=base, headers=api.headers(), limits=httpx.Limits(keepalive_expiry=60)) as client:
+        first = client.get("/v1/jobs?limit=1")
+        time.sleep(6)
+        again = client.get("/v1/jobs?limit=1")
+        assert (first.status_code, again.status_code) == (200, 200)
+        ports = [r.extensions["network_stream"].get_extra_info("client_addr")[1] for r in (first, again)]
+        assert ports[0] == ports[1], "the server closed the idle connection: the second poll needed a new one"
+
+
 def test_sweeper_resends_exactly_the_queued_jobs_redis_lost(tmp_path: Path, model_root: Path) -> None:
     from tests.service.conftest import fresh_pg_database
 
