@@ -338,12 +338,12 @@ def run(mode: str, seconds: int, baseline: Path | None = None, streams_only: boo
             client.post(f"/v1/jobs/{job_id}/cancel")
         # The lists are measured alone: in embedded mode a job that is still decoding shares the
         # API's process (and its GIL) with them.
-        wait_terminal(client, long_ids, 120)
+        ended = wait_terminal(client, long_ids, 120)
 
         if not streams_only:  # lists with 10,000 jobs in the table
             insert_jobs(stack, 10_000)
             results["lists"] = wrk(f"{stack.base}/v1/jobs?limit=50", seconds, 10)
-            results["lists"]["long_jobs_before"] = statuses(client, long_ids)
+            results["lists"]["long_jobs_before"] = [ended[i]["status"] for i in long_ids]
     finally:
         stack.stop()
         shutil.rmtree(workdir, ignore_errors=True)
