@@ -343,7 +343,7 @@ def run(mode: str, seconds: int, baseline: Path | None = None, streams_only: boo
         if not streams_only:  # lists with 10,000 jobs in the table
             insert_jobs(stack, 10_000)
             results["lists"] = wrk(f"{stack.base}/v1/jobs?limit=50", seconds, 10)
-            results["lists"]["long_jobs_before"] = [ended[i]["status"] for i in long_ids]
+            results["lists"]["long_jobs_before"] = [ended.get(i, {}).get("status") for i in long_ids]
     finally:
         stack.stop()
         shutil.rmtree(workdir, ignore_errors=True)
