@@ -110,8 +110,11 @@ HUB = Hub()
 
 # Streams woken per turn of the event loop. An event for a job that 500 dashboards watch would
 # otherwise wake all 500 streams in one turn, and every poll arriving meanwhile waits for all of
-# them to write (measured: polling p99 10 -> 100 ms); in turns of this many, polls get in between.
-DELIVERY_BATCH = 25
+# them to write (measured: polling p99 10 -> 100 ms). Each write costs ~0.3 ms in embedded mode,
+# most of it waiting for the GIL back from the job's thread, so even 25 per turn stalled polls
+# for ~8 ms at every progress event (p99 5 -> 10 ms with 500 streams); 2 per turn keeps the stall
+# under a millisecond (p99 within 1.3x, bench/load.py); 250 streams take 125 turns.
+DELIVERY_BATCH = 2
 
 
 def _deliver_paced(subs: list[Subscription], payload: dict[str, Any]) -> None:

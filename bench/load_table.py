@@ -1,6 +1,6 @@
 """Markdown table of bench/load.py results, one column per results file (for docs/reliability.md).
 
-    .venv/bin/python bench/load_table.py bench/results/load-embedded.json bench/results/load-production.json
+.venv/bin/python bench/load_table.py bench/results/load-embedded.json bench/results/load-production.json
 """
 
 from __future__ import annotations
@@ -14,6 +14,13 @@ from typing import Any
 def latency(run: dict[str, Any]) -> str:
     errors = run.get("errors", 0)
     return f"{run['rps']:.0f} req/s, p50 {run['p50_ms']:.1f} ms, **p99 {run['p99_ms']:.1f} ms**, {errors} errors"
+
+
+def round_ratios(result: dict[str, Any]) -> str:
+    """Each alternating round's own with/without p99 ratio, where the run recorded rounds."""
+    rounds = result.get("stream_rounds") or []
+    ratios = [r["with"]["route"]["p99_ms"] / r["without"]["route"]["p99_ms"] for r in rounds]
+    return f"; rounds {', '.join(f'{x:.2f}x' for x in ratios)}" if ratios else ""
 
 
 def rows(result: dict[str, Any]) -> dict[str, str]:
@@ -30,7 +37,7 @@ def rows(result: dict[str, Any]) -> dict[str, str]:
         "polling while a long job runs, no streams": latency(running["route"]),
         "the same with 500 SSE streams open (p99 <= 2x)": f"{streams['opened']} opened; "
         + latency(streams["route"])
-        + f" (**{ratio:.2f}x**)",
+        + f" (**{ratio:.2f}x**{round_ratios(result)})",
         "20 submissions during polling (all succeed, each once)": f"{subs['accepted']}/{subs['sent']} accepted, "
         f"{subs['succeeded']} succeeded, {subs['ran_exactly_once']} ran exactly once",
         "`GET /v1/jobs?limit=50`, 10,000 jobs, 10 concurrent (p99 <= 100 ms)": latency(result["lists"]),
