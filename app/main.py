@@ -18,6 +18,7 @@ from app.metrics import HttpLatency
 from app.ratelimit import RateLimit
 from app.services import Services
 from app.settings import Settings, get_settings
+from app.turns import TurnBudget
 
 # Room for multipart framing around the largest allowed upload.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -52,5 +53,6 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD)
     app.add_middleware(ControlCharGuard)
     app.add_middleware(RateLimit, settings=settings)
+    app.add_middleware(TurnBudget, per_turn=settings.requests_per_loop_turn)
     app.add_middleware(HttpLatency)
     return app

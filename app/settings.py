@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # A job poll may be answered from this process's memory for this long (app.job_views); status
     # changes reach it at once through the job events. 0: every poll reads the version from the store.
     job_read_max_age_seconds: float = Field(default=0.5, ge=0, le=10)
+    # Requests that start their work in one turn of an API process's event loop; the rest wait one
+    # turn, so sockets (a /healthz probe) are read in between under saturation (app.turns). 0: no bound.
+    requests_per_loop_turn: int = Field(default=32, ge=0, le=10_000)
     # A job still `queued` this long after it was last sent is re-sent unless the broker holds it.
     requeue_grace_seconds: float = 30.0
     # How long workers keep retrying while the database is unreachable (e.g. restarting).

@@ -1,6 +1,7 @@
 """What keeps hundreds of streams and a saturating load from stalling the API: shared reads, paced
-fan-out, refresh-ahead key cache, and the collector policy (app.event_pages, app.events, app.auth,
-app.heap). The load figures themselves are in bench/load.py and docs/reliability.md."""
+fan-out, refresh-ahead key cache, a bound on requests per loop turn and the collector policy
+(app.event_pages, app.events, app.auth, app.turns, app.heap). The load figures themselves are in
+bench/load.py and docs/reliability.md."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from app.event_pages import EVENT_PAGES
 from app.events import DELIVERY_BATCH, Hub, _deliver_paced
 from app.job_views import JOB_VIEWS
 from app.models import ApiKey
+from app.turns import TurnBudget
 from tests.service.conftest import KEY_A, Api, tiny_job
 
 
@@ -63,6 +65,36 @@ def test_an_event_for_many_streams_is_delivered_a_batch_per_loop_turn() -> None:
 
     first_turn, delivered = asyncio.run(scenario())
     assert first_turn == DELIVERY_BATCH and delivered == 3 * DELIVERY_BATCH + 1
+
+
+def requests_per_turn(per_turn: int, count: int) -> list[tuple[int, int]]:
+    """(request, the loop turn it started its work in) for `count` requests sent at once."""
+    turn = 0
+    started: list[tuple[int, int]] = []
+
+    async def inner(scope, receive, send):  # type: ignore[no-untyped-def]
+        started.append((scope["n"], turn))  # a cached poll: all of its work, no await
+
+    async def scenario() -> None:
+        nonlocal turn
+        gate = TurnBudget(inner, per_turn=per_turn)
+        requests = [asyncio.create_task(gate({"type": "http", "n": n}, None, None)) for n in range(count)]  # type: ignore[arg-type]
+        while not all(r.done() for r in requests):
+            await asyncio.sleep(0)  # one turn; the loop reads its sockets between turns
+            turn += 1
+        await asyncio.gather(*requests)
+
+    asyncio.run(scenario())
+    return started
+
+
+def test_a_loop_turn_starts_at_most_its_budget_of_requests_in_their_order() -> None:
+    started = requests_per_turn(per_turn=3, count=10)
+    turns = [t for _, t in started]
+    assert [n for n, _ in started] == list(range(10))  # deferred requests keep their place
+    assert max(turns.count(t) for t in turns) == 3 and len(set(turns)) == 4  # 3+3+3+1
+    unbounded = [t for _, t in requests_per_turn(per_turn=0, count=10)]
+    assert len(set(unbounded)) == 1  # 0 turns the bound off: all in one turn
 
 
 def test_a_cached_key_is_refreshed_before_it_expires_and_a_revoked_one_then_fails(api: Api) -> None:
