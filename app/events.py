@@ -117,11 +117,12 @@ HUB = Hub()
 DELIVERY_BATCH = 2
 
 
-def _deliver_paced(subs: list[Subscription], payload: dict[str, Any]) -> None:
-    for sub in subs[:DELIVERY_BATCH]:
+def _deliver_paced(subs: list[Subscription], payload: dict[str, Any], start: int = 0) -> None:
+    end = start + DELIVERY_BATCH
+    for sub in subs[start:end]:
         sub.deliver(payload)
-    if len(subs) > DELIVERY_BATCH:
-        asyncio.get_running_loop().call_soon(_deliver_paced, subs[DELIVERY_BATCH:], payload)
+    if len(subs) > end:  # the rest from an offset: no copy of the remaining list per turn
+        asyncio.get_running_loop().call_soon(_deliver_paced, subs, payload, end)
 
 
 def _relay_forever(hub: Hub, url: str, channel: str) -> None:

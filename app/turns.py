@@ -24,18 +24,16 @@ class _TurnBudget:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.used = 0
-        self.reset_pending = False
 
     def take(self) -> None:
-        if not self.reset_pending:
-            # Scheduled before any request this turn defers, so it runs first in the next turn.
+        if self.used == 0:
+            # The turn's first request: scheduled before any request of this turn defers, so the
+            # count is reset first thing in the next turn.
             self.loop.call_soon(self._reset)
-            self.reset_pending = True
         self.used += 1
 
     def _reset(self) -> None:
         self.used = 0
-        self.reset_pending = False
 
 
 class TurnBudget:

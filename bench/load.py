@@ -342,7 +342,7 @@ def run(mode: str, seconds: int, baseline: Path | None = None, streams_only: boo
             holder.start()
             ready.wait(300)
             time.sleep(STREAM_SETTLE_SECONDS)
-            with_streams: dict[str, Any] = {"requested": 500, **with_health(job_url, 200, 1000)}
+            with_streams: dict[str, Any] = {"requested": len(paths), **with_health(job_url, 200, 1000)}
             stop.set()
             holder.join()
             with_streams["opened"] = opened[0] if opened else 0
