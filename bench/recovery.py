@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -50,12 +52,39 @@ def recovery_config(variant: str, data_name: str, args) -> RecoveryConfig:
         **VARIANTS[variant],
         **data,
         lr=args.lr,
+        **({"temperature": args.temperature, "hidden_weight": args.hidden_weight} if "distill" in variant else {}),
         n_samples=args.samples,
         seq_len=args.seq_len,
         steps=args.steps,
         batch_size=args.batch,
         micro_batch_size=args.batch,
     )
+
+
+def pruned_outcome(model, tokenizer, calibration, args):
+    """GradMAP/LLM-Pruner on the calibration, or the same result from --pruned-cache (saves ~10-25 min per run)."""
+    key = hashlib.sha256(
+        json.dumps([args.model, args.method, args.target, args.options, args.calib_samples, args.calib_len]).encode()
+    ).hexdigest()
+    path = Path(args.pruned_cache) / f"{key[:16]}.pt" if args.pruned_cache else None
+    if path is not None and path.exists():
+        print(f"pruned model from {path}", flush=True)
+        return torch.load(path, weights_only=False)
+    basis = "parameters" if args.method == "llm_pruner" else "layers"
+    outcome = prune(
+        copy.deepcopy(model),
+        calibration,
+        method=args.method,
+        target_sparsity=args.target,
+        sparsity_basis=basis,
+        options=json.loads(args.options),
+        seed=0,
+        tokenizer=tokenizer,
+    )
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(outcome, path)
+    return outcome
 
 
 def cmd_run(args) -> None:
@@ -80,15 +109,14 @@ def cmd_run(args) -> None:
                 setup = prepare_recovery(model, tokenizer, config, [first_half], seed=0)
                 assert setup is not None
                 setups[(variant, data_name)] = setup
-    basis = "parameters" if args.method == "llm_pruner" else "layers"
-    options = json.loads(args.options)
-    outcome = prune(model, calibration, method=args.method, target_sparsity=args.target,
-                    sparsity_basis=basis, options=options, seed=0, tokenizer=tokenizer)
+    outcome = pruned_outcome(model, tokenizer, calibration, args)
     report = outcome.report
     pruned = {
-        **base, "parameters": report["parameters_after"],
+        **base,
+        "parameters": report["parameters_after"],
         "achieved_sparsity": round(report["achieved_parameter_sparsity"], 5),
-        "removed_layers": report.get("removed_layers"), "pruning_seconds": report["pruning_seconds"],
+        "removed_layers": report.get("removed_layers"),
+        "pruning_seconds": report["pruning_seconds"],
     }
     if "none" in variants:
         emit(out, {**pruned, "variant": "none", **evaluate(outcome.model, tokenizer, streams, args)})
@@ -99,10 +127,17 @@ def cmd_run(args) -> None:
         apply_recovery(trial, setup, seed=0)
         rec = trial.report["recovery"]
         record = {
-            **pruned, "data": data_name, "variant": variant,
-            "recovery_seconds": rec["seconds"], "tokens_trained": rec["tokens_trained"],
-            "recovery_peak_memory": rec["peak_memory"], "trainable_parameters": rec["trainable_parameters"],
-            "loss_curve": rec["loss_curve"], "lr": setup.config.effective_lr,
+            **pruned,
+            "data": data_name,
+            "variant": variant,
+            "recovery_seconds": rec["seconds"],
+            "tokens_trained": rec["tokens_trained"],
+            "recovery_peak_memory": rec["peak_memory"],
+            "trainable_parameters": rec["trainable_parameters"],
+            "loss_curve": rec["loss_curve"],
+            "lr": setup.config.effective_lr,
+            "temperature": setup.config.temperature,
+            "hidden_weight": setup.config.hidden_weight,
             "variant_seconds": round(time.perf_counter() - started, 1),
         }
         emit(out, {**record, **evaluate(trial.model, tokenizer, streams, args)})
@@ -111,6 +146,28 @@ def cmd_run(args) -> None:
 
 def _ratio(row: dict, dense: dict | None, key: str) -> str:
     return f" ({row[key] / dense[key]:.2f}x)" if dense else ""
+
+
+def zero_shot_lines(rows: list[dict]) -> list[str]:
+    """Zero-shot acc_norm per task and the average, each with its standard error (binomial, per task)."""
+    if not rows:
+        return []
+    tasks = list(rows[0]["zero_shot"])
+    lines = [
+        "| recovery | data | tokens | " + " | ".join(tasks) + " | average |",
+        "|---" * (len(tasks) + 4) + "|",
+    ]
+    for r in rows:
+        se = r.get("zero_shot_stderr", {})
+        cells = [f"{100 * r['zero_shot'][t]:.1f} ± {100 * se.get(t, float('nan')):.1f}" for t in tasks]
+        avg_se = math.sqrt(sum(se.get(t, float("nan")) ** 2 for t in tasks)) / len(tasks)
+        data = "-" if r["variant"] in ("dense", "none") else r["data"]
+        lines.append(
+            f"| {r['variant']} | {data} | {r.get('tokens_trained', '-')} | "
+            + " | ".join(cells)
+            + f" | {100 * r['zero_shot_avg']:.1f} ± {100 * avg_se:.1f} |"
+        )
+    return lines
 
 
 def cmd_report(args) -> None:
@@ -125,13 +182,19 @@ def cmd_report(args) -> None:
     fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(5.5 * max(len(groups), 1), 4), squeeze=False)
     for ax, (model, method, target) in zip(axes[0], groups, strict=True):
         dense = next((r for r in rows if r["model"] == model and r["variant"] == "dense"), None)
-        sub = [r for r in rows if (r["model"], r["method"], r["target"]) == (model, method, target)
-               and r["variant"] != "dense"]
+        sub = [
+            r
+            for r in rows
+            if (r["model"], r["method"], r["target"]) == (model, method, target) and r["variant"] != "dense"
+        ]
         sub.sort(key=lambda r: (r["variant"] != "none", r["variant"], r["data"], r.get("lr", 0)))
-        lines += [f"### {model}, {method} at {target:.0%} ({'parameters' if method == 'llm_pruner' else 'layers'})", "",
-                  "| recovery | data | lr | wiki2 PPL (x dense) | PTB PPL (x dense) | tokens trained | recovery s "
-                  "| peak RSS MiB | trainable params |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {model}, {method} at {target:.0%} ({'parameters' if method == 'llm_pruner' else 'layers'})",
+            "",
+            "| recovery | data | lr | wiki2 PPL (x dense) | PTB PPL (x dense) | tokens trained | recovery s "
+            "| peak RSS MiB | trainable params |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         if dense:
             lines.append(f"| dense | - | - | {dense['ppl_wikitext2']:.2f} | {dense['ppl_ptb']:.2f} | - | - | - | - |")
         labels, wiki, ptb = [], [], []
@@ -144,11 +207,15 @@ def cmd_report(args) -> None:
                 f"| {r.get('recovery_seconds', '-')} | {r.get('recovery_peak_memory', {}).get('peak_rss_mib', '-')} "
                 f"| {r.get('trainable_parameters', '-')} |"
             )
-            labels.append(r["variant"] if r["variant"] == "none" else f"{r['variant']}\n({r['data']}, lr {r['lr']:g})")
+            labels.append(
+                r["variant"]
+                if r["variant"] == "none"
+                else f"{r['variant']}\n({r['data']}, lr {r['lr']:g}, {r['tokens_trained'] // 1000}k tok)"
+            )
             scale = (dense["ppl_wikitext2"], dense["ppl_ptb"]) if dense else (1.0, 1.0)
             wiki.append(r["ppl_wikitext2"] / scale[0])
             ptb.append(r["ppl_ptb"] / scale[1])
-        lines.append("")
+        lines += ["", *zero_shot_lines([r for r in [dense, *sub] if r and "zero_shot" in r]), ""]
         xs = range(len(labels))
         ax.bar([x - 0.2 for x in xs], wiki, width=0.4, label="WikiText-2 (held-out half)")
         ax.bar([x + 0.2 for x in xs], ptb, width=0.4, label="PTB")
@@ -189,6 +256,9 @@ def main() -> None:
     run.add_argument("--tasks", default="", help="zero-shot tasks (comma-separated); empty = none")
     run.add_argument("--zs-limit", type=int, default=200)
     run.add_argument("--threads", type=int, default=1)
+    run.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    run.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden-state MSE term")
+    run.add_argument("--pruned-cache", default=None, help="directory to keep/reuse the pruned model between runs")
     run.set_defaults(func=cmd_run)
     rep = sub.add_parser("report")
     rep.add_argument("files", nargs="+")

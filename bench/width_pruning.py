@@ -81,6 +81,7 @@ def evaluate(model, tokenizer, streams, args) -> dict:
         zs = zero_shot(model, tokenizer, args.tasks.split(","), DATA / "eval", limit=args.zs_limit, seed=0)
         result["zero_shot"] = {t: round(v["acc_norm"], 4) for t, v in zs.items()}
         result["zero_shot_acc"] = {t: round(v["acc"], 4) for t, v in zs.items()}
+        result["zero_shot_stderr"] = {t: round(v["acc_norm_stderr"], 4) for t, v in zs.items()}
         result["zero_shot_avg"] = round(sum(result["zero_shot"].values()) / len(zs), 4)
     result["tokens_per_s"] = tokens_per_second(model, len(tokenizer))
     result["eval_seconds"] = round(time.perf_counter() - started, 1)

@@ -65,6 +65,26 @@ def test_pipeline_search_publishes_largest_k_and_stores_curve(tiny_llama):
     assert report["compensation"]["enabled"] is True
 
 
+def test_search_probes_compensate_on_compensation_data_like_a_single_job(tiny_llama):
+    import copy
+
+    extra = ids(n=12, seed=2)
+    target = {"max_perplexity_ratio": 1.15, "max_sparsity": 0.75}
+    found = search(
+        copy.deepcopy(tiny_llama),
+        ids(),
+        method="gradmap",
+        target=target,
+        measure=layer_count_measure(),
+        compensation_data=extra,
+    )
+    single = prune(copy.deepcopy(tiny_llama), ids(), method="gradmap", target_sparsity=0.5, compensation_data=extra)
+    assert found.report["compensation"]["source"] == "compensation_data"
+    assert found.report["removed_layers"] == single.report["removed_layers"]
+    for name, weight in single.model.state_dict().items():  # the same projections, fitted on the same rows
+        assert torch.allclose(found.model.state_dict()[name], weight, atol=1e-6), name
+
+
 def test_removal_order_is_prefix_consistent(tiny_llama):
     import copy
 

@@ -276,7 +276,9 @@ def run_prune(args: argparse.Namespace) -> int:
             )
             ids = tokenize_text(tokenizer, target_text, target.eval_tokens)
             measure = perplexity_measure(ids, target.seq_len)
-            outcome = pipeline.search(model, calibration, target=target, measure=measure, **common)
+            outcome = pipeline.search(
+                model, calibration, target=target, measure=measure, compensation_data=compensation, **common
+            )
         else:
             outcome = pipeline.prune(
                 model,

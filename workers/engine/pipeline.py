@@ -242,6 +242,7 @@ def search(
     tokenizer: Any = None,
     recovery: RecoveryConfig | dict[str, Any] | str | None = None,
     recovery_texts: list[str] | None = None,
+    compensation_data: torch.Tensor | None = None,
 ) -> PruneOutcome:
     """The most-pruned model whose quality (`measure`, on held-out text) stays within `target`.
 
@@ -295,6 +296,7 @@ def search(
                 target_sparsity=size / n_layers,
                 sparsity_basis="layers",
                 options=opts,
+                compensation_data=compensation_data,  # each probe compensates like a single job would
                 **common,
             )
     else:

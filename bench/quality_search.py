@@ -1,0 +1,112 @@
+"""Cost of a quality-targeted job against a single job at the size it chose (issue #11).
+
+One process, same machine state, in this order:
+  1. the quality search (`pipeline.search`) for `--max-ratio` on `--text`, GradMAP + compensation;
+  2. a single job at the chosen size (`pipeline.prune`), timed alone and with the same quality
+     check a user needs to know what it got (the dense and the pruned perplexity on that text).
+Recovery is off: the issue's target excludes it.
+
+  OMP_NUM_THREADS=2 nice -n 19 python bench/quality_search.py --max-ratio 1.3 --text ptb \
+      --out docs/benchmarks/quality-search.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from width_pruning import CACHE, DATA, emit  # noqa: E402
+
+from workers.engine.calibration import token_batches  # noqa: E402
+from workers.engine.evaluation.runner import tokenize_text  # noqa: E402
+from workers.engine.evaluation.texts import builtin_text  # noqa: E402
+from workers.engine.modelzoo import load_model  # noqa: E402
+from workers.engine.pipeline import prune, search  # noqa: E402
+from workers.engine.search import QualityTarget, perplexity_measure  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="builtin:smollm2-135m")
+    parser.add_argument("--method", default="gradmap")
+    parser.add_argument("--max-ratio", type=float, default=1.3)
+    parser.add_argument("--text", default="ptb", choices=["ptb", "wikitext2"])
+    parser.add_argument("--max-sparsity", type=float, default=0.5)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--full-curve", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, tokenizer = load_model(args.model, cache_dir=CACHE)
+    wiki = (DATA / "wikitext2-valid.txt").read_text(encoding="utf-8")
+    calibration = token_batches(tokenizer, [wiki[: len(wiki) // 2]], 8, 128, seed=0)
+    # WikiText-2: only the half calibration does not use.
+    text = builtin_text("ptb", DATA) if args.text == "ptb" else wiki[len(wiki) // 2 :]
+    target = QualityTarget(
+        max_perplexity_ratio=args.max_ratio,
+        perplexity_set=args.text,
+        max_sparsity=args.max_sparsity,
+        eval_tokens=args.eval_tokens,
+        full_curve=args.full_curve,
+    )
+    measure = perplexity_measure(tokenize_text(tokenizer, text, target.eval_tokens), target.seq_len)
+
+    started = time.perf_counter()
+    found = search(model, calibration, method=args.method, target=target, measure=measure, tokenizer=tokenizer)
+    search_s = time.perf_counter() - started
+    q = found.report["quality_target"]
+    k = int(q["chosen_size"])
+    n_layers = model.config.num_hidden_layers
+
+    started = time.perf_counter()
+    single = prune(
+        copy.deepcopy(model),
+        calibration,
+        method=args.method,
+        target_sparsity=k / n_layers,
+        sparsity_basis="layers",
+        seed=0,
+        tokenizer=tokenizer,
+    )
+    single_s = time.perf_counter() - started
+    dense_ppl, pruned_ppl = measure(model), measure(single.model)
+    checked_s = time.perf_counter() - started
+    emit(
+        Path(args.out),
+        {
+            "model": args.model,
+            "method": args.method,
+            "text": args.text,
+            "max_ratio": args.max_ratio,
+            "max_sparsity": args.max_sparsity,
+            "eval_tokens": args.eval_tokens,
+            "full_curve": args.full_curve,
+            "threads": args.threads,
+            "chosen_k": k,
+            "chosen_value": q["chosen_value"],
+            "probes": q["probes"],
+            "curve": [{key: p[key] for key in ("size", "value", "meets", "seconds")} for p in q["curve"]],
+            "search_s": round(search_s, 1),
+            "single_job_s": round(single_s, 1),
+            "single_job_checked_s": round(checked_s, 1),
+            "single_ratio_check": round(pruned_ppl / dense_ppl, 5),
+            "same_layers": single.report.get("removed_layers") == found.report.get("removed_layers"),
+            "ratio_vs_single": round(search_s / single_s, 2),
+            "ratio_vs_single_checked": round(search_s / checked_s, 2),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
