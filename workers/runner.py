@@ -356,9 +356,7 @@ def _calibration(
     return (*split_holdout(batch, n_heldout), True)
 
 
-def _target_measure(
-    target: dict[str, Any], tokenizer: Any, tenant_id: str, settings: Settings, state: JobState
-) -> Any:
+def _target_measure(target: dict[str, Any], tokenizer: Any, tenant_id: str, settings: Settings, state: JobState) -> Any:
     """The quality measure of a quality-targeted job (validated at submit: no overlap with training text)."""
     from workers.engine.evaluation import builtin_text, tokenize_text
     from workers.engine.search import perplexity_measure, zero_shot_measure

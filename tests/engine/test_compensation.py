@@ -98,8 +98,10 @@ def test_capture_fit_merge_recovers_exact_linear_drift(tiny_llama):
 
 
 def test_placements_and_targets():
-    shifts = [{"position": p, "layer": layer, "shift": s, "abs_shift": s}
-              for p, (layer, s) in enumerate(zip([0, 3, 4, 7], [0.0, 0.5, 0.2, 0.9], strict=True))]
+    shifts = [
+        {"position": p, "layer": layer, "shift": s, "abs_shift": s}
+        for p, (layer, s) in enumerate(zip([0, 3, 4, 7], [0.0, 0.5, 0.2, 0.9], strict=True))
+    ]
     keep = [0, 3, 4, 7]  # removed: 1-2 and 5-6, n = 8
     assert choose_placements(keep, 8, shifts, "after_cut", 4) == [1, 3]
     assert choose_placements(keep, 8, shifts, "before_cut", 4) == [0, 2]
@@ -220,8 +222,14 @@ def test_original_targets_ignore_merged_projections(tiny_llama):
 def test_compensation_data_is_its_own_budget(tiny_llama):
     calibration, extra = _ids(4), _ids(12, seed=8)
     options = {"compensation": True, "compensation_samples": 8}
-    outcome = prune(copy.deepcopy(tiny_llama), calibration, method="last_k", target_sparsity=0.25,
-                    options=options, compensation_data=extra)
+    outcome = prune(
+        copy.deepcopy(tiny_llama),
+        calibration,
+        method="last_k",
+        target_sparsity=0.25,
+        options=options,
+        compensation_data=extra,
+    )
     comp = outcome.report["compensation"]
     assert comp["source"] == "compensation_data"
     assert comp["fit_samples"] + comp["heldout_samples"] == 8
@@ -239,8 +247,15 @@ def test_incremental_refit_equals_full_refit_upstream_of_the_new_cut():
     from workers.engine.methods.gradmap import cut_neighbours
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(config).eval()
     ids = _ids(8)
     accept_all = CompensationConfig(min_improvement=-1.0)
@@ -266,8 +281,15 @@ def _six_layer(kind: str):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    shared = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 6,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+    shared = {
+        "vocab_size": 128,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+    }
     if kind == "llama":
         return LlamaForCausalLM(LlamaConfig(**shared)).eval()
     layer_types = ["sliding_attention", "full_attention"] * 3
@@ -275,8 +297,9 @@ def _six_layer(kind: str):
     return Gemma3ForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("kind,n,refit", [("llama", 10, True), ("gemma3", 10, True), ("llama", 10, False),
-                                          ("gemma3", 1, True)])
+@pytest.mark.parametrize(
+    "kind,n,refit", [("llama", 10, True), ("gemma3", 10, True), ("llama", 10, False), ("gemma3", 1, True)]
+)
 def test_cached_targets_and_replayed_prefix_give_the_streamed_fit(kind, n, refit, monkeypatch):
     """One original pass for every placement's target and the pruned state replayed from placement
     to placement give the same projections, bit for bit, as re-running both prefixes per placement

@@ -55,7 +55,10 @@ def test_all_layer_methods_registered_with_compensation_option():
 def test_one_backward_pass_per_decision(tiny_llama, micro_batch_size, expected_calls):
     calls = _count_backwards(tiny_llama)
     outcome = prune(
-        tiny_llama, _ids(4), method="gradmap", target_sparsity=0.5,
+        tiny_llama,
+        _ids(4),
+        method="gradmap",
+        target_sparsity=0.5,
         options={"compensation": False, "micro_batch_size": micro_batch_size},
     )
     report = outcome.report
@@ -68,8 +71,9 @@ def test_residual_score_of_identity_layer_is_zero_and_removed_first(tiny_llama):
     _make_identity(tiny_llama, 2)
     scores = residual_scores(tiny_llama, _ids(), "residual", 4)
     assert scores[2] == 0.0 and min(scores[i] for i in (0, 1, 3)) > 0.0
-    outcome = prune(tiny_llama, _ids(), method="gradmap", target_sparsity=0.25,
-                    options={"compensation": False, "score": "residual"})
+    outcome = prune(
+        tiny_llama, _ids(), method="gradmap", target_sparsity=0.25, options={"compensation": False, "score": "residual"}
+    )
     assert outcome.report["removed_layers"] == [2]
 
 
@@ -89,8 +93,9 @@ def test_lookahead_sees_an_identity_layer_as_free_and_reranks_by_loss(tiny_llama
     ids = _ids()
     full_loss = lm_loss(tiny_llama, ids, 4)
     untouched = copy.deepcopy(tiny_llama)
-    outcome = prune(tiny_llama, ids, method="gradmap", target_sparsity=0.5,
-                    options={"compensation": False, "lookahead": 4})
+    outcome = prune(
+        tiny_llama, ids, method="gradmap", target_sparsity=0.5, options={"compensation": False, "lookahead": 4}
+    )
     report = outcome.report
     first, second = report["decisions"]
     assert set(first["lookahead_losses"]) == {"0", "1", "2", "3"}  # every candidate re-scored
@@ -116,8 +121,13 @@ def test_iterative_decisions_rescore_the_smaller_model(tiny_llama):
 
 def test_in_loop_compensation_fits_between_decisions_and_restores_weights(tiny_llama):
     original = {name: p.detach().clone() for name, p in tiny_llama.named_parameters()}
-    outcome = prune(tiny_llama, _ids(8), method="gradmap", target_sparsity=0.5,
-                    options={"compensation": False, "compensate_in_loop": True, "compensation_ridge": 0.01})
+    outcome = prune(
+        tiny_llama,
+        _ids(8),
+        method="gradmap",
+        target_sparsity=0.5,
+        options={"compensation": False, "compensate_in_loop": True, "compensation_ridge": 0.01},
+    )
     first, second = outcome.report["decisions"]
     assert "in_loop_compensation" in first and "in_loop_compensation" not in second  # none after the last
     assert outcome.report["backward_passes"] == 2
@@ -150,8 +160,13 @@ def test_weight_scores_only_need_block_gradients(tiny_llama):
 
 
 def test_protected_layers_are_never_removed(tiny_llama):
-    outcome = prune(tiny_llama, _ids(), method="gradmap", target_sparsity=0.5,
-                    options={"compensation": False, "protect_first": 1, "protect_last": 1})
+    outcome = prune(
+        tiny_llama,
+        _ids(),
+        method="gradmap",
+        target_sparsity=0.5,
+        options={"compensation": False, "protect_first": 1, "protect_last": 1},
+    )
     assert outcome.report["removed_layers"] == [1, 2]
     assert all(set(d["scores"]) <= {"1", "2"} for d in outcome.report["decisions"])
 
@@ -177,8 +192,13 @@ def test_random_is_seeded(tiny_llama):
 def test_every_method_on_gemma3_with_compensation(tiny_gemma3, method):
     stages = []
     outcome = prune(
-        tiny_gemma3, _ids(6), method=method, target_sparsity=0.5, sparsity_basis="layers",
-        options={"compensation": True}, progress=lambda stage, f, m: stages.append(stage),
+        tiny_gemma3,
+        _ids(6),
+        method=method,
+        target_sparsity=0.5,
+        sparsity_basis="layers",
+        options={"compensation": True},
+        progress=lambda stage, f, m: stages.append(stage),
     )
     report = outcome.report
     json.dumps(report)
@@ -191,8 +211,14 @@ def test_every_method_on_gemma3_with_compensation(tiny_gemma3, method):
 
 
 def test_parameters_basis_through_pipeline(tiny_llama):
-    outcome = prune(tiny_llama, _ids(), method="gradmap", target_sparsity=0.3, sparsity_basis="parameters",
-                    options={"compensation": False})
+    outcome = prune(
+        tiny_llama,
+        _ids(),
+        method="gradmap",
+        target_sparsity=0.3,
+        sparsity_basis="parameters",
+        options={"compensation": False},
+    )
     report = outcome.report
     per_layer = sum(p.numel() for p in find_layers(outcome.model).layers[0].parameters())
     # k = round(0.3 * total / per_layer)

@@ -31,8 +31,9 @@ def _skip_layers_reference(model, removed, ids):
     reference = copy.deepcopy(model)
     layers = find_layers(reference).layers
     handles = [
-        layers[i].register_forward_hook(lambda m, args, kwargs, out: args[0] if args else kwargs["hidden_states"],
-                                        with_kwargs=True)
+        layers[i].register_forward_hook(
+            lambda m, args, kwargs, out: args[0] if args else kwargs["hidden_states"], with_kwargs=True
+        )
         for i in removed
     ]
     try:
@@ -122,8 +123,15 @@ def test_save_load_round_trip(fixture, request, tmp_path):
 def test_qwen2_sliding_window_boundary_is_kept():
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
-        num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=3,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=3,
     )
     model = Qwen2ForCausalLM(config).eval()
     types = list(model.config.layer_types)
@@ -168,7 +176,10 @@ def test_plan_is_cheap_and_exact_for_last_k(tiny_llama):
 def test_simple_methods_through_pipeline(tiny_llama, method):
     stages = []
     outcome = prune(
-        tiny_llama, _ids(4, 16), method=method, target_sparsity=0.5,
+        tiny_llama,
+        _ids(4, 16),
+        method=method,
+        target_sparsity=0.5,
         progress=lambda stage, fraction, message: stages.append(stage),
     )
     report = outcome.report

@@ -122,8 +122,9 @@ def test_parameter_target_met_within_one_percent(tiny_llama, target, prune_kv_he
 
 def test_plan_from_config_matches_run(tiny_llama):
     options = {"layer_start": 1, "layer_end": 3, "channel_multiple": 4}
-    dry = plan(tiny_llama.config, method="llm_pruner", target_sparsity=0.2, sparsity_basis="parameters",
-               options=options)
+    dry = plan(
+        tiny_llama.config, method="llm_pruner", target_sparsity=0.2, sparsity_basis="parameters", options=options
+    )
     outcome = run(tiny_llama, 0.2, **options)
     assert dry["layer_widths"] == outcome.report["layer_widths"]
     assert dry["parameters_after"] == outcome.report["parameters_after"]
@@ -260,22 +261,47 @@ def test_options_are_validated():
 
 def test_progress_stages_and_cancel(tiny_llama):
     stages = []
-    prune(tiny_llama, calib(), method="llm_pruner", target_sparsity=0.2, sparsity_basis="parameters",
-          options=ALL_LAYERS, progress=lambda s, f, m: stages.append(s))
+    prune(
+        tiny_llama,
+        calib(),
+        method="llm_pruner",
+        target_sparsity=0.2,
+        sparsity_basis="parameters",
+        options=ALL_LAYERS,
+        progress=lambda s, f, m: stages.append(s),
+    )
     assert stages.index("scoring") < stages.index("pruning")
 
     calls = iter(range(100))
     with pytest.raises(JobCancelled):
-        prune(tiny_llama, calib(), method="llm_pruner", target_sparsity=0.2, sparsity_basis="parameters",
-              options=ALL_LAYERS, should_cancel=lambda: next(calls) >= 1)
+        prune(
+            tiny_llama,
+            calib(),
+            method="llm_pruner",
+            target_sparsity=0.2,
+            sparsity_basis="parameters",
+            options=ALL_LAYERS,
+            should_cancel=lambda: next(calls) >= 1,
+        )
 
 
 def test_lora_recovery_trains_merges_and_lowers_loss(tiny_llama, tmp_path):
     data = calib(4, 32, seed=3)
     outcome = prune(
-        tiny_llama, calib(), method="llm_pruner", target_sparsity=0.2, sparsity_basis="parameters",
-        options={**ALL_LAYERS, "recovery": True, "recovery_steps": 12, "recovery_lr": 5e-3, "lora_r": 4,
-                 "recovery_batch_size": 4, "lora_dropout": 0.0},
+        tiny_llama,
+        calib(),
+        method="llm_pruner",
+        target_sparsity=0.2,
+        sparsity_basis="parameters",
+        options={
+            **ALL_LAYERS,
+            "recovery": True,
+            "recovery_steps": 12,
+            "recovery_lr": 5e-3,
+            "lora_r": 4,
+            "recovery_batch_size": 4,
+            "lora_dropout": 0.0,
+        },
         recovery_data=data,
     )
     rec = outcome.report["recovery"]
@@ -337,10 +363,10 @@ def test_gradient_and_fisher_match_per_sample_autograd(tiny_llama):
     torch.testing.assert_close(s.fisher_w, grads.pow(2).mean(0), rtol=1e-4, atol=1e-10)
     # element2 with aggregation "last" is the down_proj column sum of |g·w - ½·F·w²|.
     geom = model_geometry(tiny_llama)[1]
-    per_layer = {name: stats[(1, name)] for name in ("q_proj", "k_proj", "v_proj", "o_proj",
-                                                      "gate_proj", "up_proj", "down_proj")}
-    scores = layer_scores(decoder_layers(tiny_llama)[1], geom, per_layer, "element2", "last", True,
-                          torch.Generator())
+    per_layer = {
+        name: stats[(1, name)] for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    }
+    scores = layer_scores(decoder_layers(tiny_llama)[1], geom, per_layer, "element2", "last", True, torch.Generator())
     w = down.weight.detach()
     expected = (w * s.grad_w - 0.5 * s.fisher_w * w.pow(2)).abs().sum(0)
     torch.testing.assert_close(scores.mlp.float(), expected, rtol=1e-5, atol=1e-9)

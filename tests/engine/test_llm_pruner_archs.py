@@ -23,8 +23,13 @@ def tiny(kind: str):
 
     torch.manual_seed(0)
     common = dict(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     if kind == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
@@ -51,8 +56,12 @@ def _model(kind, tiny_gemma3):
 def test_prune_and_reload_identically(kind, layers, tiny_gemma3, tmp_path):
     model = _model(kind, tiny_gemma3)
     outcome = prune(
-        model, torch.randint(0, 128, (3, 16)), method="llm_pruner", target_sparsity=0.15,
-        sparsity_basis="parameters", options={"layer_start": layers[0], "layer_end": layers[1]},
+        model,
+        torch.randint(0, 128, (3, 16)),
+        method="llm_pruner",
+        target_sparsity=0.15,
+        sparsity_basis="parameters",
+        options={"layer_start": layers[0], "layer_end": layers[1]},
     )
     assert abs(outcome.report["achieved_parameter_sparsity"] - 0.15) <= 0.01
     expected = logits(outcome.model, ids(1))
@@ -78,8 +87,12 @@ def test_qwen2_biases_follow_their_heads():
     geom_params = 2 * 16 * (64 + 1) * 2 + 16 * (2 * 64 + 2)  # q rows+bias, o cols, k/v rows+bias
     total = sum(p.numel() for p in model.parameters())
     outcome = prune(
-        model, torch.randint(0, 128, (3, 16)), method="llm_pruner", target_sparsity=4 * geom_params / total,
-        sparsity_basis="parameters", options={"layer_start": 0, "layer_end": 4, "prune_mlp": False},
+        model,
+        torch.randint(0, 128, (3, 16)),
+        method="llm_pruner",
+        target_sparsity=4 * geom_params / total,
+        sparsity_basis="parameters",
+        options={"layer_start": 0, "layer_end": 4, "prune_mlp": False},
     )
     assert all(r["kv_heads"] == [1] for r in outcome.report["removed_groups"].values())
     assert decoder_layers(outcome.model)[0].self_attn.q_proj.bias.shape == (32,)
@@ -93,8 +106,15 @@ def test_gemma3_query_heads_with_single_kv_head():
     torch.manual_seed(0)
     model = Gemma3ForCausalLM(
         Gemma3TextConfig(
-            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=1, head_dim=16, max_position_embeddings=128, sliding_window=8,
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=128,
+            sliding_window=8,
             layer_types=["sliding_attention", "full_attention"],
         )
     ).eval()
@@ -103,8 +123,12 @@ def test_gemma3_query_heads_with_single_kv_head():
         prune(model, calibration, method="llm_pruner", target_sparsity=0.7, sparsity_basis="parameters")
     assert err.value.code == "target_unreachable" and "prune_kv_heads=false" in err.value.message
     outcome = prune(
-        model, calibration, method="llm_pruner", target_sparsity=0.2,
-        sparsity_basis="parameters", options={"prune_kv_heads": False},
+        model,
+        calibration,
+        method="llm_pruner",
+        target_sparsity=0.2,
+        sparsity_basis="parameters",
+        options={"prune_kv_heads": False},
     )
     cfg = outcome.model.config
     assert cfg.num_key_value_heads == 1 and cfg.num_attention_heads < 4 and cfg.head_dim == 16

@@ -45,8 +45,14 @@ def test_smollm2_width_pruning_end_to_end(smollm2, wikitext_text, tmp_path):
     assert report["artifact_format"] == "per_layer"
 
     taylor = held_out_ppl(model, held_out)
-    prune(random_model, calibration, method="llm_pruner", target_sparsity=0.2, sparsity_basis="parameters",
-          options={"importance": "random", "widths": "per_layer"})
+    prune(
+        random_model,
+        calibration,
+        method="llm_pruner",
+        target_sparsity=0.2,
+        sparsity_basis="parameters",
+        options={"importance": "random", "widths": "per_layer"},
+    )
     random = held_out_ppl(random_model, held_out)
     assert dense < taylor < random, (dense, taylor, random)
 

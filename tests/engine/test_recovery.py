@@ -67,6 +67,18 @@ def test_distillation_lowers_kl_on_its_own_data(tiny_llama, train, hidden_weight
         assert report["trained_blocks"] == [0, 1]  # kept layers 0 and 2 border the cut at 1
 
 
+def test_ce_weight_adds_the_next_token_term_to_distillation(tiny_llama):
+    from workers.engine.recovery.losses import next_token
+    from workers.engine.recovery.trainer import _loss
+
+    teacher = copy.deepcopy(tiny_llama).eval()
+    batch = ids(2, 16)
+    plain = _loss(tiny_llama, teacher, batch, config(), [], Alignment())
+    mixed = _loss(tiny_llama, teacher, batch, config(ce_weight=0.5), [], Alignment())
+    assert float(plain) == pytest.approx(0.0, abs=1e-6)  # the student is the teacher: no KL
+    assert float(mixed) == pytest.approx(0.5 * float(next_token(logits(tiny_llama, batch), batch)), rel=1e-5)
+
+
 def test_only_chosen_blocks_change(tiny_llama):
     teacher, student, alignment = pruned_pair(tiny_llama)
     frozen = copy.deepcopy(student.model.layers[2].state_dict())

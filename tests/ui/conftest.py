@@ -42,7 +42,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         server.wait_for_log("Uvicorn running", timeout=180)
         created = subprocess.run(
             [slimforge_executable(), "create-key", "--tenant", "team-b"],
-            env=env, capture_output=True, text=True, check=True,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         yield Served(f"http://127.0.0.1:{port}", str(model), KEY_A, created.stdout.strip().splitlines()[-1])
     finally:

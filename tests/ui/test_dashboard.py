@@ -64,7 +64,10 @@ def test_submit_watch_inspect_download_and_compare(served: Served, browser, tmp_
     other = api.post(
         "/v1/jobs",
         json={
-            "model": served.model, "method": "shortgpt", "target_sparsity": 0.5, "evaluation": evaluation,
+            "model": served.model,
+            "method": "shortgpt",
+            "target_sparsity": 0.5,
+            "evaluation": evaluation,
             "calibration": {"source": "self_generated", "n_samples": 2, "seq_len": 32},
         },
     ).json()["id"]
@@ -165,11 +168,19 @@ def test_submit_watch_inspect_download_and_compare(served: Served, browser, tmp_
 
 
 def test_other_tenant_job_is_not_found_and_a_wrong_key_is_explained(served: Served, browser) -> None:  # type: ignore[no-untyped-def]
-    job_a = served.client().post(
-        "/v1/jobs",
-        json={"model": served.model, "method": "last_k", "target_sparsity": 0.25,
-              "calibration": {"source": "self_generated", "n_samples": 1, "seq_len": 16}},
-    ).json()["id"]
+    job_a = (
+        served.client()
+        .post(
+            "/v1/jobs",
+            json={
+                "model": served.model,
+                "method": "last_k",
+                "target_sparsity": 0.25,
+                "calibration": {"source": "self_generated", "n_samples": 1, "seq_len": 16},
+            },
+        )
+        .json()["id"]
+    )
     context = browser.new_context(viewport={"width": 390, "height": 844})  # phone width
     page = context.new_page()
     sign_in(page, served, "sf_not_a_real_key")

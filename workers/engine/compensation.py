@@ -159,6 +159,7 @@ def choose_placements(
                 cache.append(measure())
             return cache[0]
     else:
+
         def get_shifts(known: list[dict[str, Any]] = shifts) -> list[dict[str, Any]]:
             return known
 
@@ -670,8 +671,10 @@ def compensate(
     n = ids.shape[0]
     n_heldout = min(n - 1, max(1, round(config.heldout_fraction * n))) if n >= 2 else 0
     fit_ids, heldout_ids = ids[: n - n_heldout], ids[n - n_heldout :]
-    measured: Shifts = shifts if shifts is not None else (
-        lambda: measure_shift(model, keep, ids, config.micro_batch_size, check_cancel)
+    measured: Shifts = (
+        shifts
+        if shifts is not None
+        else (lambda: measure_shift(model, keep, ids, config.micro_batch_size, check_cancel))
     )
     positions = choose_placements(keep, n_layers, measured, config.placement, config.max_projections)
     if only_layers is not None:
@@ -710,8 +713,9 @@ def compensate(
         originals = OriginalWeights([find_writer(layers[keep[p]])[0] for p in usable])
     keep_rows = config.max_tokens if config.refine_steps > 0 else 0
     with_heldout = bool(n_heldout) and config.refit_on_all
-    cached = cache_splits(model, keep, usable, targets, (fit_ids, heldout_ids), with_heldout, originals, config,
-                          check_cancel)
+    cached = cache_splits(
+        model, keep, usable, targets, (fit_ids, heldout_ids), with_heldout, originals, config, check_cancel
+    )
     judge = cached[1] if n_heldout else cached[0]
 
     def pruned_loss(position: int) -> float | None:
@@ -724,9 +728,17 @@ def compensate(
     def stream(position: int, split: int) -> Capture:
         cache = cached[split]
         return stream_placement(
-            model, keep, position, targets[position], (fit_ids, heldout_ids)[split], originals,
-            config.micro_batch_size, keep_rows, check_cancel,
-            targets=None if cache is None else cache.targets, prefix=None if cache is None else cache.prefix,
+            model,
+            keep,
+            position,
+            targets[position],
+            (fit_ids, heldout_ids)[split],
+            originals,
+            config.micro_batch_size,
+            keep_rows,
+            check_cancel,
+            targets=None if cache is None else cache.targets,
+            prefix=None if cache is None else cache.prefix,
         )
 
     for step, position in enumerate(usable):
@@ -765,8 +777,9 @@ def compensate(
             restore_writer()
             merge_projection(writer, projection)
             candidate = pruned_loss(position)
-            entry.update({"refit_on_all_rows": int(fit.equations.rows + heldout.equations.rows),
-                          "loss_after_refit": candidate})
+            entry.update(
+                {"refit_on_all_rows": int(fit.equations.rows + heldout.equations.rows), "loss_after_refit": candidate}
+            )
         if accepted:
             current = candidate
         else:

@@ -165,8 +165,13 @@ def select(inp: SelectorInput) -> Selection:
                     # capture and loss per projection); the final compensation refits from scratch.
                     in_loop_config = replace(options.compensation_config(), refit_on_all=False)
                     fitted = compensate(
-                        ctx.model, kept, ctx.calibration, in_loop_config,
-                        check_cancel=ctx.check_cancel, only_layers=only, originals=originals,
+                        ctx.model,
+                        kept,
+                        ctx.calibration,
+                        in_loop_config,
+                        check_cancel=ctx.check_cancel,
+                        only_layers=only,
+                        originals=originals,
                     )
                     refitted = set(kept if only is None else only) | {chosen}
                     in_loop_layers = sorted(set(in_loop_layers) - refitted | set(fitted.get("layers", [])))
@@ -183,8 +188,12 @@ def select(inp: SelectorInput) -> Selection:
         decisions=decisions,
         forward_passes=passes + counter["lookahead_forwards"],
         backward_passes=passes,
-        extra={"score": options.score, "backward_calls": counter["backward_calls"], "removal_order": removed,
-               "lookahead_forwards": counter["lookahead_forwards"]},
+        extra={
+            "score": options.score,
+            "backward_calls": counter["backward_calls"],
+            "removal_order": removed,
+            "lookahead_forwards": counter["lookahead_forwards"],
+        },
     )
 
 

@@ -50,6 +50,13 @@ class RecoveryConfig(BaseModel):
     hidden_weight: float = Field(
         0.0, ge=0.0, le=1e3, description="Weight of an MSE term between hidden states at aligned layers (distill)."
     )
+    ce_weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=1e3,
+        description="Weight of a next-token (hard-label) term added to the distillation loss, as in classic "
+        "knowledge distillation: it adapts the model to the data's own text as well as to the teacher.",
+    )
     lora_r: int = Field(8, ge=1, le=4096)
     lora_alpha: int = Field(16, ge=1, le=65536)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)

@@ -194,4 +194,6 @@ def _loss(
         student_states = [out.hidden_states[j + 1] for j in hidden_layers]
         teacher_states = [ref.hidden_states[alignment.teacher_layer(j) + 1] for j in hidden_layers]
         loss = loss + config.hidden_weight * hidden_mse(student_states, teacher_states)
+    if config.ce_weight > 0:
+        loss = loss + config.ce_weight * next_token(out.logits, batch)
     return loss

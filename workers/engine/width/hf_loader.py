@@ -34,4 +34,3 @@ def apply_layer_widths(model: nn.Module, widths: dict) -> None:
         mlp.down_proj = _resized(mlp.down_proj, n_i, mlp.down_proj.out_features)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = n_i
-
