@@ -161,3 +161,56 @@ def test_auto_skips_sleb_on_large_models(tiny_llama):
     )
     skipped = [c for c in outcome.report["auto"]["candidates"] if "skipped" in c]
     assert [c["selector"] for c in skipped] == ["sleb"]
+
+
+def stream(n_segments: int = 64, seq: int = 16) -> torch.Tensor:
+    return torch.randint(0, 128, (n_segments * seq,), generator=torch.Generator().manual_seed(5))
+
+
+def worse(model):
+    """A copy whose predictions are far sharper and wrong: a much higher perplexity."""
+    import copy
+
+    damaged = copy.deepcopy(model)
+    with torch.no_grad():
+        damaged.lm_head.weight.mul_(8.0)
+    return damaged
+
+
+def test_paired_ratio_scores_everything_when_undecided_and_equals_the_full_ratio(tiny_llama):
+    from workers.engine.search import PerplexityMeasure
+
+    never = PerplexityMeasure(stream(), 16, z=1e9)
+    dense, other = never.full(tiny_llama), worse(tiny_llama)
+    scored = never.ratio_against(other, dense, max_ratio=1.5)
+    assert scored.complete and scored.segments == 64
+    assert scored.ratio == pytest.approx(never(other) / dense["ppl"], rel=1e-5)
+    assert scored.perplexity == pytest.approx(never(other), rel=1e-6)
+
+
+def test_paired_ratio_stops_early_only_when_the_decision_is_clear(tiny_llama):
+    from workers.engine.search import PerplexityMeasure
+
+    measure = PerplexityMeasure(stream(), 16)
+    dense, other = measure.full(tiny_llama), worse(tiny_llama)
+    full_ratio = measure(other) / dense["ppl"]
+    assert full_ratio > 2.0
+    fails = measure.ratio_against(other, dense, max_ratio=1.2)  # far below the probe's ratio
+    passes = measure.ratio_against(other, dense, max_ratio=50.0)  # far above it
+    for scored in (fails, passes):
+        assert not scored.complete and scored.segments == 16  # decided at the first look
+    assert fails.ratio > 1.2 and passes.ratio < 50.0  # the same decisions as the full measure
+    same = measure.ratio_against(tiny_llama, dense, max_ratio=1.01)  # identical model: ratio 1, no spread
+    assert same.ratio == pytest.approx(1.0) and same.segments == 16
+
+
+def test_search_with_perplexity_budget_tests_probes_sequentially(tiny_llama):
+    from workers.engine.search import PerplexityMeasure
+
+    target = {"max_perplexity_ratio": 1000.0, "max_sparsity": 0.75, "full_curve": True}
+    outcome = search(tiny_llama, ids(), method="gradmap", target=target, measure=PerplexityMeasure(stream(), 16))
+    q = outcome.report["quality_target"]
+    assert q["chosen_size"] == 3 and [p["size"] for p in q["curve"]] == [1, 2, 3]
+    for point in q["curve"]:  # every probe is far inside the budget: decided on the first 16 segments
+        assert point["meets"] and not point["complete"] and point["segments"] == 16
+        assert 0 <= point["stderr"] < point["value"]

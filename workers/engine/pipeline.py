@@ -20,7 +20,7 @@ from workers.engine.registry import get_method, parse_options
 from workers.engine.resources import PeakMemory
 from workers.engine.search import ProbeResult, QualityTarget, largest_passing, no_candidate_error
 from workers.engine.search.layers import fixed_removal, removal_order
-from workers.engine.search.measure import Measure
+from workers.engine.search.measure import Measure, PerplexityMeasure
 from workers.engine.types import (
     CancelCheck,
     EngineError,
@@ -265,7 +265,12 @@ def search(
         should_cancel=should_cancel,
     )
     progress("evaluating", 0.0, "measuring the dense model")
-    dense_value = measure(model)
+    # A perplexity budget is tested per probe against the dense model's own segments (paired,
+    # sequential: probes far from the budget stop early); other measures score every probe fully.
+    dense_scored = None
+    if isinstance(measure, PerplexityMeasure) and target.max_perplexity_ratio is not None:
+        dense_scored = measure.full(model)
+    dense_value = float(dense_scored["ppl"]) if dense_scored is not None else measure(model)
     common = {"progress": progress, "should_cancel": should_cancel, "seed": seed, "tokenizer": tokenizer}
     order: list[int] | None = None
     if spec.kind == "layer":
@@ -322,13 +327,21 @@ def search(
         outcome = build(size)
         if setup is not None:
             apply_recovery(outcome, setup, progress=progress, should_cancel=should_cancel, seed=seed)
-        raw = measure(outcome.model)
-        value = raw / dense_value if target.max_perplexity_ratio is not None else raw
+        extra: dict[str, Any] = {}
+        if dense_scored is not None:
+            assert isinstance(measure, PerplexityMeasure) and target.max_perplexity_ratio is not None
+            scored = measure.ratio_against(outcome.model, dense_scored, target.max_perplexity_ratio)
+            raw, value = scored.perplexity, scored.ratio
+            extra = {"stderr": round(scored.stderr, 5), "segments": scored.segments, "complete": scored.complete}
+        else:
+            raw = measure(outcome.model)
+            value = raw / dense_value if target.max_perplexity_ratio is not None else raw
         result = ProbeResult(
             size=size,
             value=value,
             meets=target.meets(value),
             extra={
+                **extra,
                 "metric_raw": round(raw, 5),
                 "parameters_after": outcome.report["parameters_after"]["total"],
                 "achieved_parameter_sparsity": round(outcome.report["achieved_parameter_sparsity"], 5),

@@ -9,6 +9,7 @@ exp(mean of per-segment mean losses).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,7 @@ def perplexity(
     seq_len: int,
     batch_size: int = 8,
     progress: ProgressFn | None = None,
+    stop: Callable[[torch.Tensor], bool] | None = None,
 ) -> dict:
     """Perplexity of a 1-D token stream on non-overlapping `seq_len` segments.
 
@@ -59,6 +61,8 @@ def perplexity(
     ppl_stderr = ppl * nll_stderr (delta method). `segment_nll` (mean NLL per segment) lets two
     models scored on the same text be compared pairwise, which is much tighter than either error.
     `progress(stage, fraction, message)` is called after every batch (it may raise to cancel).
+    `stop(segment_nll so far)`, when given, is asked after every batch whether the rest can be
+    skipped (a sequential test); the result then covers the segments scored (`complete` False).
     """
     progress = progress or no_progress
     if input_ids.dim() != 1:
@@ -85,18 +89,24 @@ def perplexity(
             sums.append(_batch_nll(model, segments[start : start + batch_size]))
             done = min(start + batch_size, n_segments)
             progress("evaluating", done / n_segments, f"perplexity@{seq_len}: {done}/{n_segments} segments")
+            if stop is not None and done < n_segments and stop(torch.cat(sums) / (seq_len - 1)):
+                break
     finally:
         model.train(was_training)
     per_segment = torch.cat(sums) / (seq_len - 1)
+    scored = per_segment.numel()
     mean_nll = float(per_segment.mean())
-    stderr = float(per_segment.std() / math.sqrt(n_segments)) if n_segments > 1 else 0.0
-    return {
+    stderr = float(per_segment.std() / math.sqrt(scored)) if scored > 1 else 0.0
+    result = {
         "ppl": math.exp(mean_nll),
         "nll": mean_nll,
-        "n_tokens": n_segments * (seq_len - 1),
-        "n_segments": n_segments,
+        "n_tokens": scored * (seq_len - 1),
+        "n_segments": scored,
         "seq_len": seq_len,
         "nll_stderr": stderr,
         "ppl_stderr": math.exp(mean_nll) * stderr,
         "segment_nll": [round(float(v), 6) for v in per_segment],
     }
+    if stop is not None:
+        result["complete"] = scored == n_segments
+    return result

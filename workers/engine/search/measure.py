@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +13,68 @@ import torch
 Measure = Callable[[torch.nn.Module], float]
 
 
-def perplexity_measure(ids: torch.Tensor, seq_len: int) -> Measure:
-    from workers.engine.evaluation import perplexity
+@dataclass
+class PairedRatio:
+    """A probe's perplexity ratio to the dense model on the segments it scored, paired per segment."""
 
-    def measure(model: torch.nn.Module) -> float:
+    ratio: float  # exp(mean over scored segments of (probe NLL - dense NLL))
+    stderr: float  # standard error of that ratio (delta method on the paired differences)
+    perplexity: float  # the probe's own perplexity on the same segments
+    segments: int
+    complete: bool  # False when the sequential test stopped before the end of the text
+
+
+class PerplexityMeasure:
+    """Perplexity on held-out token ids (`measure(model)` is the full perplexity).
+
+    `ratio_against(model, dense, max_ratio)` scores a probe against the budget with a sequential
+    test: both models see the same segments, so the per-segment NLL differences have a far smaller
+    spread than either perplexity, and once their mean is `z` standard errors away from
+    log(max_ratio) the rest of the text cannot change the decision; scoring stops there. Probes
+    far from the budget then cost a fraction of the text; those near it score all of it.
+    """
+
+    def __init__(self, ids: torch.Tensor, seq_len: int, *, z: float = 3.0, min_segments: int = 16) -> None:
+        self.ids, self.seq_len, self.z, self.min_segments = ids, seq_len, z, min_segments
+
+    def full(self, model: torch.nn.Module, stop: Callable[[torch.Tensor], bool] | None = None) -> dict[str, Any]:
+        from workers.engine.evaluation import perplexity
+
         model.eval()
-        return float(perplexity(model, ids, seq_len=seq_len)["ppl"])
+        return perplexity(model, self.ids, seq_len=self.seq_len, stop=stop)
 
-    return measure
+    def __call__(self, model: torch.nn.Module) -> float:
+        return float(self.full(model)["ppl"])
+
+    def ratio_against(self, model: torch.nn.Module, dense: dict[str, Any], max_ratio: float) -> PairedRatio:
+        """The probe's ratio to `dense` (a `full()` result of the dense model), stopping once decided."""
+        reference = torch.tensor(dense["segment_nll"], dtype=torch.float64)
+        threshold = math.log(max_ratio)
+
+        def decided(segment_nll: torch.Tensor) -> bool:
+            n = segment_nll.numel()
+            if n < max(self.min_segments, 2):
+                return False
+            diff = segment_nll - reference[:n]
+            stderr = float(diff.std()) / math.sqrt(n)
+            return abs(float(diff.mean()) - threshold) > self.z * stderr
+
+        scored = self.full(model, stop=decided)
+        n = scored["n_segments"]
+        diff = torch.tensor(scored["segment_nll"], dtype=torch.float64) - reference[:n]
+        mean = float(diff.mean())
+        stderr = float(diff.std()) / math.sqrt(n) if n > 1 else 0.0
+        return PairedRatio(
+            ratio=math.exp(mean),
+            stderr=math.exp(mean) * stderr,
+            perplexity=float(scored["ppl"]),
+            segments=n,
+            complete=bool(scored["complete"]),
+        )
+
+
+def perplexity_measure(ids: torch.Tensor, seq_len: int) -> PerplexityMeasure:
+    return PerplexityMeasure(ids, seq_len)
 
 
 def zero_shot_measure(tokenizer: Any, tasks: list[str], data_dir: Path, limit: int, seed: int = 0) -> Measure:
