@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--max-sparsity", type=float, default=0.5)
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--full-curve", action="store_true")
+    parser.add_argument("--full-measure", action="store_true", help="score every probe on all tokens")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -61,9 +62,11 @@ def main() -> None:
         full_curve=args.full_curve,
     )
     measure = perplexity_measure(tokenize_text(tokenizer, text, target.eval_tokens), target.seq_len)
+    # --full-measure: a plain callable, so every probe scores all tokens (the search before the paired test).
+    probe_measure = (lambda m: measure(m)) if args.full_measure else measure
 
     started = time.perf_counter()
-    found = search(model, calibration, method=args.method, target=target, measure=measure, tokenizer=tokenizer)
+    found = search(model, calibration, method=args.method, target=target, measure=probe_measure, tokenizer=tokenizer)
     search_s = time.perf_counter() - started
     q = found.report["quality_target"]
     k = int(q["chosen_size"])
@@ -96,7 +99,11 @@ def main() -> None:
             "chosen_k": k,
             "chosen_value": q["chosen_value"],
             "probes": q["probes"],
-            "curve": [{key: p[key] for key in ("size", "value", "meets", "seconds")} for p in q["curve"]],
+            "full_measure": args.full_measure,
+            "curve": [
+                {key: p.get(key) for key in ("size", "value", "stderr", "segments", "meets", "seconds")}
+                for p in q["curve"]
+            ],
             "search_s": round(search_s, 1),
             "single_job_s": round(single_s, 1),
             "single_job_checked_s": round(checked_s, 1),
