@@ -214,3 +214,52 @@ def test_search_with_perplexity_budget_tests_probes_sequentially(tiny_llama):
     for point in q["curve"]:  # every probe is far inside the budget: decided on the first 16 segments
         assert point["meets"] and not point["complete"] and point["segments"] == 16
         assert 0 <= point["stderr"] < point["value"]
+
+
+@pytest.mark.parametrize(
+    ("budget", "expected", "probed"),
+    [(1.3, 3, [1, 2, 3, 4]), (1.05, 1, [1, 2]), (2.5, 6, [1, 2, 4, 5, 6, 7]), (5.0, 7, [1, 2, 4, 7])],
+)
+def test_galloping_search_finds_the_same_answer_probing_up_from_one(budget, expected, probed):
+    calls: list[float] = []
+    found = largest_passing(list(CURVE), curve_probe(budget, calls), gallop=True)
+    assert found.chosen is not None and found.chosen.size == expected
+    assert sorted(calls) == probed and calls[:2] == [1, 2]
+
+
+@pytest.mark.parametrize("method", ["gradmap", "sleb"])
+def test_resumed_selection_continues_exactly_like_one_run(tiny_llama, method):
+    import copy
+
+    from workers.engine.pipeline import run_method
+    from workers.engine.registry import get_method, parse_options
+
+    spec = get_method(method)
+    opts = parse_options(spec, {"compensation": False})
+    assert spec.resumable is not None and spec.resumable(opts)
+
+    def order(k: int, resume_from: list[int] | None = None) -> list[int]:
+        run = run_method(
+            spec.run,
+            copy.deepcopy(tiny_llama),
+            ids(),
+            method=method,
+            target_sparsity=k / 4,
+            sparsity_basis="layers",
+            options=opts,
+            resume_from=resume_from,
+        )
+        return run.report["removal_order"]
+
+    first = order(1)
+    assert order(3, resume_from=first) == order(3)
+
+
+def test_search_grows_the_removal_order_only_as_far_as_its_probes(tiny_llama):
+    target = {"max_perplexity_ratio": 1.05, "max_sparsity": 0.75}
+    outcome = search(tiny_llama, ids(), method="gradmap", target=target, measure=layer_count_measure())
+    q = outcome.report["quality_target"]
+    assert [p["size"] for p in q["curve"]] == [1, 2] and q["chosen_size"] == 1
+    assert len(q["removal_order"]) == 2  # k_max is 3: the third decision was never computed
+    one = prune(tiny_llama, ids(), method="gradmap", target_sparsity=0.25)
+    assert outcome.report["removed_layers"] == one.report["removed_layers"]

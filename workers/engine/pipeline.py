@@ -122,6 +122,7 @@ def run_method(
     tokenizer: Any = None,
     recovery_data: torch.Tensor | None = None,
     compensation_data: torch.Tensor | None = None,
+    resume_from: list[int] | None = None,
 ) -> PruneOutcome:
     """Run one method body on `model` and add the common report fields (parameters, time, memory)."""
     before = count_parameters(model)
@@ -137,6 +138,7 @@ def run_method(
         tokenizer=tokenizer,
         recovery_data=recovery_data,
         compensation_data=compensation_data,
+        resume_from=resume_from,
     )
     started = time.perf_counter()
     with PeakMemory() as memory:
@@ -273,26 +275,42 @@ def search(
     dense_value = float(dense_scored["ppl"]) if dense_scored is not None else measure(model)
     common = {"progress": progress, "should_cancel": should_cancel, "seed": seed, "tokenizer": tokenizer}
     order: list[int] | None = None
+    gallop = False
     if spec.kind == "layer":
         n_layers = profile_model(model).n_layers
         k_max = resolve_k(profile_model(model), target.max_sparsity, "layers")
         # The order needs no compensation: each probe compensates its own prefix.
         unfitted = opts.model_copy(update={"compensation": False})
-        ordering = run_method(
-            spec.run,
-            copy.deepcopy(model),
-            calibration,
-            method=method,
-            target_sparsity=k_max / n_layers,
-            sparsity_basis="layers",
-            options=unfitted,
-            **common,
-        )
-        order = removal_order(ordering.report)
-        del ordering
+        order = []
+
+        def grow_order(k: int) -> None:
+            """Extend the removal order to k layers (resumable selectors continue where they stopped)."""
+            nonlocal order
+            if order is not None and len(order) >= k:
+                return
+            ordering = run_method(
+                spec.run,
+                copy.deepcopy(model),
+                calibration,
+                method=method,
+                target_sparsity=k / n_layers,
+                sparsity_basis="layers",
+                options=unfitted,
+                resume_from=order if resumable else None,
+                **common,
+            )
+            order = removal_order(ordering.report)
+
+        # An iterative selector that can resume is only run as far as the probes need: the search
+        # then gallops up from one layer (1, 2, 4, ...) so the order stays within ~2x the answer.
+        resumable = spec.resumable is not None and spec.resumable(unfitted) and not target.full_curve
+        gallop = resumable
+        if not resumable:
+            grow_order(k_max)
         candidates: list[float] = list(range(1, k_max + 1))
 
         def build(size: float) -> PruneOutcome:
+            grow_order(int(size))
             return run_method(
                 fixed_removal(order or [], method),
                 copy.deepcopy(model),
@@ -354,7 +372,7 @@ def search(
             best["chosen"] = outcome
         return result
 
-    found = largest_passing(candidates, probe, full=target.full_curve)
+    found = largest_passing(candidates, probe, full=target.full_curve, gallop=gallop)
     if found.chosen is None:
         raise no_candidate_error(target.budget(), found.curve, target.metric)
     outcome = best["chosen"]

@@ -20,6 +20,8 @@ class Method:
     run: Callable[[PruneContext], PruneOutcome]
     # plan(config, target_sparsity, basis, options) -> dict: what a dry run would remove, cheaply.
     plan: Callable[[PretrainedConfig, float, SparsityBasis, MethodOptions], dict[str, Any]]
+    # resumable(options): whether the selector continues a removal order exactly (PruneContext.resume_from).
+    resumable: Callable[[MethodOptions], bool] | None = None
 
 
 _METHODS: dict[str, Method] = {}

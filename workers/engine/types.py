@@ -79,6 +79,9 @@ class PruneContext:
     # Token windows for projection compensation (its own, larger budget from the calibration's
     # source); layer methods fall back to `calibration`.
     compensation_data: torch.Tensor | None = None
+    # Layers an earlier run of the same iterative selector already removed, in its order: the
+    # selector continues from them (a quality search grows its removal order only as far as needed).
+    resume_from: list[int] | None = None
 
     def check_cancel(self) -> None:
         if self.should_cancel():

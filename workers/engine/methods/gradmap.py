@@ -129,13 +129,13 @@ def select(inp: SelectorInput) -> Selection:
         removed, decisions = one_shot_decisions(scores, inp.k)
         passes = 1
     else:
-        removed = []
+        removed = list(inp.prefix)
         decisions = []
         in_loop_layers: list[int] = []  # kept layers currently carrying an in-loop projection
         originals = OriginalWeights.of_model(ctx.model)
         layers = find_layers(ctx.model).layers
         try:
-            for step in range(inp.k):
+            for step in range(len(inp.prefix), inp.k):
                 started = time.perf_counter()
                 ctx.check_cancel()
                 inp.progress(step / inp.k, f"decision {step + 1}/{inp.k}: scoring with one backward pass")
@@ -182,7 +182,7 @@ def select(inp: SelectorInput) -> Selection:
                 decisions.append(decision(step, scores, chosen, seconds=seconds, **extra))
         finally:
             originals.restore()
-        passes = inp.k
+        passes = inp.k - len(inp.prefix)
     return Selection(
         removed=sorted(removed),
         decisions=decisions,
@@ -205,4 +205,6 @@ register_layer_method(
     ),
     GradMAPOptions,
     select,
+    # In-loop projections of earlier cuts shape later scores, and a resumed run would lack them.
+    resumable=lambda options: options.iterative and not options.compensate_in_loop,
 )

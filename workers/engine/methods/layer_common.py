@@ -115,6 +115,7 @@ class SelectorInput:
     k: int
     n_layers: int
     candidates: list[int]  # original indices the selector may remove (protected ones excluded)
+    prefix: list[int] = field(default_factory=list)  # already removed, in order (resumable selectors)
 
     def progress(self, fraction: float, message: str | None = None) -> None:
         self.ctx.progress("scoring", min(max(fraction, 0.0), 1.0), message)
@@ -194,8 +195,11 @@ def run_layer_method(ctx: PruneContext, selector: Selector, name: str) -> PruneO
     started = time.perf_counter()
     was_training = model.training
     model.eval()
-    selection = selector(SelectorInput(ctx=ctx, k=k, n_layers=n_layers, candidates=candidates))
+    prefix = list(ctx.resume_from or [])
+    selection = selector(SelectorInput(ctx=ctx, k=k, n_layers=n_layers, candidates=candidates, prefix=prefix))
     timings["scoring"] = time.perf_counter() - started
+    if prefix and selection.extra.get("removal_order", [])[: len(prefix)] != prefix:
+        raise RuntimeError(f"{name} cannot resume from a removal order")
     removed = sorted(selection.removed)
     if len(removed) != k or len(set(removed)) != k:
         raise RuntimeError(f"{name} selected {removed}, expected {k} distinct layers")
@@ -300,6 +304,7 @@ def register_layer_method(
     options_model: type[LayerMethodOptions],
     select: Selector,
     deterministic: Callable[..., list[int]] | None = None,
+    resumable: Callable[[Any], bool] | None = None,
 ) -> None:
     """Register a layer method: all layer methods share the run skeleton and the plan."""
     from workers.engine.registry import Method, register
@@ -313,4 +318,14 @@ def register_layer_method(
         extra = {"deterministic": deterministic} if deterministic is not None else {}
         return plan_layer_method(config, target, basis, options, name=name, **extra)
 
-    register(Method(name=name, kind="layer", description=description, options_model=options_model, run=run, plan=plan))
+    register(
+        Method(
+            name=name,
+            kind="layer",
+            description=description,
+            options_model=options_model,
+            run=run,
+            plan=plan,
+            resumable=resumable,
+        )
+    )

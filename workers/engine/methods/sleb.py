@@ -33,11 +33,11 @@ def select(inp: SelectorInput) -> Selection:
     ctx = inp.ctx
     options: SLEBOptions = ctx.options  # type: ignore[assignment]
     ids = ctx.calibration if options.scoring_samples is None else ctx.calibration[: options.scoring_samples]
-    removed: list[int] = []
+    removed: list[int] = list(inp.prefix)
     decisions = []
     forwards = 0
-    total = sum(len(inp.candidates) - step for step in range(inp.k))
-    for step in range(inp.k):
+    total = sum(len(inp.candidates) - step for step in range(len(removed), inp.k))
+    for step in range(len(removed), inp.k):
         started = time.perf_counter()
         scores: dict[int, float] = {}
         for layer in inp.candidates:
@@ -65,4 +65,5 @@ register_layer_method(
     "SLEB-style greedy: per decision try removing each layer, drop the one with the lowest loss.",
     SLEBOptions,
     select,
+    resumable=lambda options: True,  # each decision depends only on the layers removed before it
 )

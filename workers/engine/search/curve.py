@@ -33,15 +33,35 @@ class SearchResult:
 
 
 def largest_passing(
-    candidates: Sequence[float], probe: Callable[[float], ProbeResult], *, full: bool = False
+    candidates: Sequence[float],
+    probe: Callable[[float], ProbeResult],
+    *,
+    full: bool = False,
+    gallop: bool = False,
 ) -> SearchResult:
-    """The largest candidate whose probe meets the budget (None when none does), and every probe made."""
+    """The largest candidate whose probe meets the budget (None when none does), and every probe made.
+
+    `gallop` probes candidates 1, 2, 4, 8, ... (by position) until one fails, then bisects the last
+    gap: the most-pruned candidate probed stays within about twice the answer, which is what makes
+    a lazily grown removal order cheap. Plain bisection starts in the middle instead.
+    """
     curve: list[ProbeResult] = []
     if full:
         curve = [probe(size) for size in candidates]
         passing = [p for p in curve if p.meets]
         return SearchResult(chosen=passing[-1] if passing else None, curve=curve)
     lo, hi, best = 0, len(candidates) - 1, None
+    at = 0
+    while gallop and at <= hi:  # positions 0, 1, 3, 7, ... (then the last one)
+        result = probe(candidates[at])
+        curve.append(result)
+        if not result.meets:
+            hi = at - 1
+            break
+        best, lo = result, at + 1
+        at = 2 * at + 1
+        if at > hi and lo <= hi:
+            at = hi
     while lo <= hi:
         mid = (lo + hi) // 2
         result = probe(candidates[mid])
