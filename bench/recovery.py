@@ -87,7 +87,11 @@ def pruned_outcome(model, tokenizer, calibration, args):
     )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(outcome, path)
+        try:
+            torch.save(outcome, path)
+        except (AttributeError, TypeError) as exc:  # width artifacts carry a local saver: not picklable
+            path.unlink(missing_ok=True)
+            print(f"pruned model not cached: {exc}", flush=True)
     return outcome
 
 
@@ -167,8 +171,9 @@ def zero_shot_lines(rows: list[dict]) -> list[str]:
         cells = [f"{100 * r['zero_shot'][t]:.1f} ± {100 * se.get(t, float('nan')):.1f}" for t in tasks]
         avg_se = math.sqrt(sum(se.get(t, float("nan")) ** 2 for t in tasks)) / len(tasks)
         data = "-" if r["variant"] in ("dense", "none") else r["data"]
+        variant = r["variant"] + ("+ce" if r.get("ce_weight") else "")
         lines.append(
-            f"| {r['variant']} | {data} | {r.get('tokens_trained', '-')} | "
+            f"| {variant} | {data} | {r.get('tokens_trained', '-')} | "
             + " | ".join(cells)
             + f" | {100 * r['zero_shot_avg']:.1f} ± {100 * avg_se:.1f} |"
         )
@@ -192,21 +197,32 @@ def cmd_report(args) -> None:
             for r in rows
             if (r["model"], r["method"], r["target"]) == (model, method, target) and r["variant"] != "dense"
         ]
-        sub.sort(key=lambda r: (r["variant"] != "none", r["variant"], r["data"], r.get("lr", 0)))
+        sub.sort(
+            key=lambda r: (
+                r["variant"] != "none",
+                r["variant"],
+                r["data"],
+                r.get("tokens_trained", 0),
+                r.get("lr", 0),
+                r.get("ce_weight") or 0,
+            )
+        )
         lines += [
             f"### {model}, {method} at {target:.0%} ({'parameters' if method == 'llm_pruner' else 'layers'})",
             "",
-            "| recovery | data | lr | wiki2 PPL (x dense) | PTB PPL (x dense) | tokens trained | recovery s "
-            "| peak RSS MiB | trainable params |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| recovery | data | lr | ce_weight | wiki2 PPL (x dense) | PTB PPL (x dense) | tokens trained "
+            "| recovery s | peak RSS MiB | trainable params |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         if dense:
-            lines.append(f"| dense | - | - | {dense['ppl_wikitext2']:.2f} | {dense['ppl_ptb']:.2f} | - | - | - | - |")
+            lines.append(
+                f"| dense | - | - | - | {dense['ppl_wikitext2']:.2f} | {dense['ppl_ptb']:.2f} | - | - | - | - |"
+            )
         labels, wiki, ptb = [], [], []
         for r in sub:
             data = "-" if r["variant"] == "none" else r["data"]
             lines.append(
-                f"| {r['variant']} | {data} | {r.get('lr', '-')} "
+                f"| {r['variant']} | {data} | {r.get('lr', '-')} | {r.get('ce_weight') or '-'} "
                 f"| {r['ppl_wikitext2']:.2f}{_ratio(r, dense, 'ppl_wikitext2')} "
                 f"| {r['ppl_ptb']:.2f}{_ratio(r, dense, 'ppl_ptb')} | {r.get('tokens_trained', 0)} "
                 f"| {r.get('recovery_seconds', '-')} | {r.get('recovery_peak_memory', {}).get('peak_rss_mib', '-')} "
@@ -215,7 +231,8 @@ def cmd_report(args) -> None:
             labels.append(
                 r["variant"]
                 if r["variant"] == "none"
-                else f"{r['variant']}\n({r['data']}, lr {r['lr']:g}, {r['tokens_trained'] // 1000}k tok)"
+                else f"{r['variant']}{'+ce' if r.get('ce_weight') else ''}\n({r['data']}, lr {r['lr']:g}, "
+                f"{r['tokens_trained'] // 1000}k tok)"
             )
             scale = (dense["ppl_wikitext2"], dense["ppl_ptb"]) if dense else (1.0, 1.0)
             wiki.append(r["ppl_wikitext2"] / scale[0])
