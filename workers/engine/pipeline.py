@@ -275,68 +275,62 @@ def search(
     dense_value = float(dense_scored["ppl"]) if dense_scored is not None else measure(model)
     common = {"progress": progress, "should_cancel": should_cancel, "seed": seed, "tokenizer": tokenizer}
     order: list[int] | None = None
-    gallop = False
+    resumable = False
+
+    def run_on_copy(
+        run: Callable[[PruneContext], PruneOutcome],
+        sparsity: float,
+        basis: SparsityBasis,
+        options: MethodOptions,
+        **extra: Any,
+    ) -> PruneOutcome:
+        return run_method(
+            run,
+            copy.deepcopy(model),
+            calibration,
+            method=method,
+            target_sparsity=sparsity,
+            sparsity_basis=basis,
+            options=options,
+            **common,
+            **extra,
+        )
+
     if spec.kind == "layer":
-        n_layers = profile_model(model).n_layers
-        k_max = resolve_k(profile_model(model), target.max_sparsity, "layers")
+        profile = profile_model(model)
+        n_layers = profile.n_layers
+        k_max = resolve_k(profile, target.max_sparsity, "layers")
         # The order needs no compensation: each probe compensates its own prefix.
         unfitted = opts.model_copy(update={"compensation": False})
+        # An iterative selector that can resume is only run as far as the probes need: the search
+        # then gallops up from one layer (1, 2, 4, ...) so the order stays within ~2x the answer.
+        resumable = spec.resumable is not None and spec.resumable(unfitted) and not target.full_curve
         order = []
 
         def grow_order(k: int) -> None:
             """Extend the removal order to k layers (resumable selectors continue where they stopped)."""
             nonlocal order
-            if order is not None and len(order) >= k:
+            if len(order or []) >= k:
                 return
-            ordering = run_method(
-                spec.run,
-                copy.deepcopy(model),
-                calibration,
-                method=method,
-                target_sparsity=k / n_layers,
-                sparsity_basis="layers",
-                options=unfitted,
-                resume_from=order if resumable else None,
-                **common,
-            )
-            order = removal_order(ordering.report)
+            resume = {"resume_from": order} if resumable else {}
+            order = removal_order(run_on_copy(spec.run, k / n_layers, "layers", unfitted, **resume).report)
 
-        # An iterative selector that can resume is only run as far as the probes need: the search
-        # then gallops up from one layer (1, 2, 4, ...) so the order stays within ~2x the answer.
-        resumable = spec.resumable is not None and spec.resumable(unfitted) and not target.full_curve
-        gallop = resumable
         if not resumable:
             grow_order(k_max)
         candidates: list[float] = list(range(1, k_max + 1))
 
         def build(size: float) -> PruneOutcome:
             grow_order(int(size))
-            return run_method(
-                fixed_removal(order or [], method),
-                copy.deepcopy(model),
-                calibration,
-                method=method,
-                target_sparsity=size / n_layers,
-                sparsity_basis="layers",
-                options=opts,
-                compensation_data=compensation_data,  # each probe compensates like a single job would
-                **common,
+            # Each probe compensates like a single job would, on the same compensation tokens.
+            return run_on_copy(
+                fixed_removal(order or [], method), size / n_layers, "layers", opts, compensation_data=compensation_data
             )
     else:
         steps = int(target.max_sparsity / target.sparsity_step + 1e-9)
         candidates = [round(target.sparsity_step * i, 6) for i in range(1, steps + 1)]
 
         def build(size: float) -> PruneOutcome:
-            return run_method(
-                spec.run,
-                copy.deepcopy(model),
-                calibration,
-                method=method,
-                target_sparsity=size,
-                sparsity_basis="parameters",
-                options=opts,
-                **common,
-            )
+            return run_on_copy(spec.run, size, "parameters", opts)
 
     best: dict[str, PruneOutcome] = {}
 
@@ -372,7 +366,7 @@ def search(
             best["chosen"] = outcome
         return result
 
-    found = largest_passing(candidates, probe, full=target.full_curve, gallop=gallop)
+    found = largest_passing(candidates, probe, full=target.full_curve, gallop=resumable)
     if found.chosen is None:
         raise no_candidate_error(target.budget(), found.curve, target.metric)
     outcome = best["chosen"]

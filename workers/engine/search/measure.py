@@ -52,25 +52,27 @@ class PerplexityMeasure:
         threshold = math.log(max_ratio)
 
         def decided(segment_nll: torch.Tensor) -> bool:
-            n = segment_nll.numel()
-            if n < max(self.min_segments, 2):
+            if segment_nll.numel() < max(self.min_segments, 2):
                 return False
-            diff = segment_nll - reference[:n]
-            stderr = float(diff.std()) / math.sqrt(n)
-            return abs(float(diff.mean()) - threshold) > self.z * stderr
+            mean, stderr = _paired(segment_nll.double(), reference)
+            return abs(mean - threshold) > self.z * stderr
 
         scored = self.full(model, stop=decided)
-        n = scored["n_segments"]
-        diff = torch.tensor(scored["segment_nll"], dtype=torch.float64) - reference[:n]
-        mean = float(diff.mean())
-        stderr = float(diff.std()) / math.sqrt(n) if n > 1 else 0.0
+        mean, stderr = _paired(torch.tensor(scored["segment_nll"], dtype=torch.float64), reference)
         return PairedRatio(
             ratio=math.exp(mean),
             stderr=math.exp(mean) * stderr,
             perplexity=float(scored["ppl"]),
-            segments=n,
+            segments=scored["n_segments"],
             complete=bool(scored["complete"]),
         )
+
+
+def _paired(segment_nll: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard error of the per-segment NLL differences to the first segments of `reference`."""
+    diff = segment_nll - reference[: segment_nll.numel()]
+    n = diff.numel()
+    return float(diff.mean()), (float(diff.std()) / math.sqrt(n) if n > 1 else 0.0)
 
 
 def perplexity_measure(ids: torch.Tensor, seq_len: int) -> PerplexityMeasure:
