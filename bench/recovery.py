@@ -146,7 +146,7 @@ def cmd_run(args) -> None:
             "lr": setup.config.effective_lr,
             "temperature": setup.config.temperature,
             "hidden_weight": setup.config.hidden_weight,
-            "ce_weight": setup.config.ce_weight,
+            "ce_weight": setup.config.effective_ce_weight,
             "variant_seconds": round(time.perf_counter() - started, 1),
         }
         emit(out, {**record, **evaluate(trial.model, tokenizer, streams, args)})
@@ -280,7 +280,9 @@ def main() -> None:
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
     run.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden-state MSE term")
-    run.add_argument("--ce-weight", type=float, default=0.0, help="weight of a next-token term added to distillation")
+    run.add_argument(
+        "--ce-weight", type=float, default=None, help="next-token term in distillation (default: the engine's, by data)"
+    )
     run.add_argument("--pruned-cache", default=None, help="directory to keep/reuse the pruned model between runs")
     run.set_defaults(func=cmd_run)
     rep = sub.add_parser("report")

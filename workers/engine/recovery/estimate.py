@@ -31,6 +31,8 @@ def estimate(config: RecoveryConfig, n_params: int, device: str = "cpu") -> dict
         device = "cuda" if torch.cuda.is_available() else "cpu"
     kind = "cuda" if device.startswith("cuda") else "cpu"
     return {
+        # The resolved default, so the plan shows the loss that will run.
+        "ce_weight": config.effective_ce_weight if config.method == "distill" else None,
         "steps": config.planned_steps,
         "tokens": tokens,
         "self_generated_sequences": generated,

@@ -161,6 +161,7 @@ def recover(
     seconds = time.perf_counter() - started
     report = {
         **config.model_dump(mode="json"),
+        "ce_weight_used": config.effective_ce_weight if config.method == "distill" else None,
         "steps_run": total,
         "tokens_trained": total * config.tokens_per_step,
         "trained_blocks": blocks if config.train == "blocks" else None,
@@ -194,6 +195,6 @@ def _loss(
         student_states = [out.hidden_states[j + 1] for j in hidden_layers]
         teacher_states = [ref.hidden_states[alignment.teacher_layer(j) + 1] for j in hidden_layers]
         loss = loss + config.hidden_weight * hidden_mse(student_states, teacher_states)
-    if config.ce_weight > 0:
-        loss = loss + config.ce_weight * next_token(out.logits, batch)
+    if config.effective_ce_weight > 0:
+        loss = loss + config.effective_ce_weight * next_token(out.logits, batch)
     return loss
