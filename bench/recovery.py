@@ -104,7 +104,13 @@ def cmd_run(args) -> None:
     bos = tokenizer.bos_token_id if model.config.model_type.startswith("gemma") else None
     calibration = with_bos(token_batches(tokenizer, [first_half], args.calib_samples, args.calib_len, seed=0), bos)
     streams = eval_streams(tokenizer, args.eval_tokens, args.ppl_seq_len, bos)
-    base = {"model": args.model, "method": args.method, "target": args.target, "data": args.data}
+    base = {
+        "model": args.model,
+        "method": args.method,
+        "target": args.target,
+        "data": args.data,
+        "eval_tokens": args.eval_tokens,
+    }
     if args.dense:
         emit(out, {**base, "variant": "dense", **evaluate(model, tokenizer, streams, args)})
     variants = args.variants.split(",")
@@ -188,15 +194,19 @@ def cmd_report(args) -> None:
 
     rows = [json.loads(line) for f in args.files for line in Path(f).read_text().splitlines() if line.strip()]
     lines: list[str] = []
-    groups = list(dict.fromkeys((r["model"], r["method"], r["target"]) for r in rows if r["variant"] != "dense"))
+    for r in rows:
+        r.setdefault("eval_tokens", 4096)  # rows before the field was recorded all used 4,096
+    group_key = ("model", "method", "target", "eval_tokens")
+    groups = list(dict.fromkeys(tuple(r[k] for k in group_key) for r in rows if r["variant"] != "dense"))
     fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(5.5 * max(len(groups), 1), 4), squeeze=False)
-    for ax, (model, method, target) in zip(axes[0], groups, strict=True):
-        dense = next((r for r in rows if r["model"] == model and r["variant"] == "dense"), None)
-        sub = [
-            r
-            for r in rows
-            if (r["model"], r["method"], r["target"]) == (model, method, target) and r["variant"] != "dense"
-        ]
+    for ax, group in zip(axes[0], groups, strict=True):
+        model, method, target, eval_tokens = group
+        # The dense reference of the same model measured on the same evaluation tokens.
+        dense = next(
+            (r for r in rows if (r["model"], r["eval_tokens"]) == (model, eval_tokens) and r["variant"] == "dense"),
+            None,
+        )
+        sub = [r for r in rows if tuple(r[k] for k in group_key) == group and r["variant"] != "dense"]
         sub.sort(
             key=lambda r: (
                 r["variant"] != "none",
@@ -208,7 +218,8 @@ def cmd_report(args) -> None:
             )
         )
         lines += [
-            f"### {model}, {method} at {target:.0%} ({'parameters' if method == 'llm_pruner' else 'layers'})",
+            f"### {model}, {method} at {target:.0%} ({'parameters' if method == 'llm_pruner' else 'layers'}), "
+            f"evaluated on {eval_tokens:,} tokens per set",
             "",
             "| recovery | data | lr | ce_weight | wiki2 PPL (x dense) | PTB PPL (x dense) | tokens trained "
             "| recovery s | peak RSS MiB | trainable params |",
@@ -244,7 +255,7 @@ def cmd_report(args) -> None:
         ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
         ax.set_xticks(list(xs), labels, rotation=45, ha="right", fontsize=7)
         ax.set_ylabel("perplexity / dense")
-        ax.set_title(f"{model.split(':')[-1]} {method} {target:.0%}", fontsize=9)
+        ax.set_title(f"{model.split(':')[-1]} {method} {target:.0%} ({eval_tokens // 1024}k eval tokens)", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
