@@ -27,11 +27,13 @@ from workers import shutdown
 from workers.engine import pipeline
 from workers.engine.artifact import checkpoint_dtype, resolve_artifact_dtype, write_artifact
 from workers.engine.calibration import (
+    COMPENSATION_SEED_OFFSET,
+    compensation_batch,
     holdout_count,
+    job_windows,
     read_calibration_file,
     self_generated_batches,
     split_holdout,
-    token_batches_with_holdout,
 )
 from workers.engine.device import pick_device, pick_dtype
 from workers.engine.heldout import WriterSnapshot, heldout_quality
@@ -196,7 +198,9 @@ def _execute(
         raise JobCancelled()
 
     with timer("calibrating"):
-        calibration, heldout_ids, disjoint = _calibration(spec, tenant_id, settings, model, tokenizer, state)
+        calibration, heldout_ids, disjoint, compensation = _calibration(
+            spec, tenant_id, settings, model, tokenizer, state
+        )
     heldout = HeldOut(spec["calibration"], heldout_ids, state.should_cancel, disjoint)
     with timer("heldout"):
         heldout.measure("dense", model)
@@ -222,6 +226,7 @@ def _execute(
         "tokenizer": tokenizer,
         "recovery": recovery,
         "recovery_texts": recovery_texts,
+        "compensation_data": compensation,
     }
 
     def after_pruning(pruned: Any) -> None:
@@ -258,6 +263,9 @@ def _execute(
             pruned_eval = _evaluate(outcome.model, tokenizer, evaluation, spec, tenant_id, settings, state, dense=False)
         outcome.report["evaluation"] = {"before": dense_eval, **stages, "after": pruned_eval}
     outcome.report["calibration"] = {**spec["calibration"], "tokens_sha256": tensor_sha256(calibration)}
+    if compensation is not None:
+        outcome.report["calibration"]["compensation_windows"] = int(compensation.shape[0])
+        outcome.report["calibration"]["compensation_tokens_sha256"] = tensor_sha256(compensation)
 
     state.progress("saving", 0.0, "writing artifact")
     if state.should_cancel():
@@ -325,35 +333,50 @@ def _dataset(dataset_id: str, tenant_id: str, settings: Settings, sessions: sess
 
 def _calibration(
     spec: dict[str, Any], tenant_id: str, settings: Settings, model: Any, tokenizer: Any, state: JobState
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(calibration batch, held-out rows, disjoint): the held-out rows never reach the method.
+) -> tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor | None]:
+    """(calibration batch, held-out rows, disjoint, compensation windows or None): the held-out rows
+    never reach the method.
 
-    Self-generated tokens are cached per (model, seed, count, length) in the data directory.
+    Compensation gets its own, larger budget (`compensation_samples` windows) from the same source:
+    the calibration windows, then more from the dataset (never the held-out ones) or more
+    self-generated text. Self-generated tokens are cached per (model, seed, count, length).
     """
     cal, seed, model_id = spec["calibration"], spec.get("seed", 0), spec["model"]
     n_heldout = holdout_count(cal["n_samples"])
+    options = spec.get("options") or {}
+    n_compensation = int(options.get("compensation_samples", 0)) if options.get("compensation") else 0
+    n_extra = max(0, n_compensation - cal["n_samples"])
     state.progress("calibrating", 0.0, f"building {cal['n_samples']}x{cal['seq_len']} calibration tokens")
     if cal["source"] == "dataset":
         dataset = _dataset(cal["dataset_id"], tenant_id, settings, state.sessions)
         texts = read_calibration_file(settings.data_dir / dataset.path)
-        calibration, heldout, disjoint = token_batches_with_holdout(
-            tokenizer, texts, cal["n_samples"], n_heldout, cal["seq_len"], seed=seed
+        calibration, heldout, extra, disjoint = job_windows(
+            tokenizer, texts, cal["n_samples"], n_heldout, n_extra, cal["seq_len"], seed=seed
         )
         state.progress("calibrating", 1.0)
-        return calibration, heldout, disjoint
-    batch = self_generated_batches(
-        model,
-        tokenizer,
-        n_heldout + cal["n_samples"],
-        cal["seq_len"],
-        seed=seed,
-        progress=state.progress,
-        should_cancel=state.should_cancel,
-        cache_dir=settings.data_dir / "calibration-cache",
-        model_key=dense_model_key(model_id, settings, model),
-    )
+        compensation = compensation_batch(calibration, extra, n_compensation) if n_compensation else None
+        return calibration, heldout, disjoint, compensation
+
+    def generate(count: int, generation_seed: int) -> torch.Tensor:
+        return self_generated_batches(
+            model,
+            tokenizer,
+            count,
+            cal["seq_len"],
+            seed=generation_seed,
+            progress=state.progress,
+            should_cancel=state.should_cancel,
+            cache_dir=settings.data_dir / "calibration-cache",
+            model_key=dense_model_key(model_id, settings, model),
+        )
+
+    calibration, heldout = split_holdout(generate(n_heldout + cal["n_samples"], seed), n_heldout)
+    compensation = None
+    if n_compensation:
+        extra = generate(n_extra, seed + COMPENSATION_SEED_OFFSET) if n_extra else calibration[:0]
+        compensation = compensation_batch(calibration, extra, n_compensation)
     state.progress("calibrating", 1.0)
-    return (*split_holdout(batch, n_heldout), True)
+    return calibration, heldout, True, compensation
 
 
 def _target_measure(target: dict[str, Any], tokenizer: Any, tenant_id: str, settings: Settings, state: JobState) -> Any:

@@ -98,3 +98,25 @@ def test_dataset_holdout_shares_no_token_window_with_calibration() -> None:
     assert disjoint and n_tokens // 32 < 6 and heldout.shape == (2, 32)
     rows = {tuple(r) for r in calibration.tolist()}
     assert not rows & {tuple(r) for r in heldout.tolist()}
+
+
+def test_compensation_windows_add_to_calibration_without_touching_the_holdout() -> None:
+    from workers.engine.calibration import compensation_batch, job_windows, token_batches_with_holdout
+
+    tokenizer = make_tokenizer()
+    text = " ".join(f"word{i}" for i in range(3000))
+    calibration, heldout, disjoint = token_batches_with_holdout(tokenizer, [text], 4, 2, 32, seed=5)
+    same_calibration, same_heldout, extra, still_disjoint = job_windows(tokenizer, [text], 4, 2, 12, 32, seed=5)
+    # Asking for compensation windows changes neither the calibration nor the held-out rows.
+    assert torch.equal(calibration, same_calibration) and torch.equal(heldout, same_heldout)
+    assert extra.shape == (12, 32) and disjoint and still_disjoint
+    held = {tuple(r) for r in heldout.tolist()}
+    assert not held & {tuple(r) for r in extra.tolist()}
+    windows = compensation_batch(calibration, extra, 16)
+    assert windows.shape == (16, 32) and torch.equal(windows[:4], calibration)
+    assert torch.equal(compensation_batch(calibration, extra, 3), calibration[:3])
+    # Short text: the held-out rows keep the tail, and compensation windows never come from it.
+    short = next(text[:n] for n in range(100, 3000, 20) if len(tokenizer(text[:n])["input_ids"]) >= 100)
+    calibration, heldout, extra, disjoint = job_windows(tokenizer, [short], 4, 2, 6, 32, seed=5)
+    assert disjoint and extra.shape == (6, 32)
+    assert not {tuple(r) for r in heldout.tolist()} & {tuple(r) for r in extra.tolist()}

@@ -71,6 +71,10 @@ def test_progress_only_moves_forward_and_every_result_has_heldout_quality(api: A
     heldout = job["result"]["heldout"]
     assert heldout["samples"] == 2 and heldout["seq_len"] == 24  # drawn beside the 4 calibration rows
     assert job["result"]["calibration_shape"] == [4, 24]
+    # Compensation fits on its own budget: the 4 calibration rows and 28 more self-generated ones.
+    compensation = job["result"]["compensation"]
+    assert compensation["source"] == "compensation_data" and compensation["compensation_tokens"] == 32 * 24
+    assert job["result"]["calibration"]["compensation_windows"] == 32
     for point in ("dense", "pruned"):
         assert heldout[point]["loss"] > 0 and heldout[point]["perplexity"] > 1
     if job["result"]["compensation"].get("kept"):

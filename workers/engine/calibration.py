@@ -55,18 +55,43 @@ def token_batches_with_holdout(
     `token_batches`'s); short text keeps its last fifth for the held-out rows; text too short even
     for that draws both from the whole stream, and says so.
     """
+    calibration, heldout, _, disjoint = job_windows(tokenizer, texts, n_samples, n_holdout, 0, seq_len, seed)
+    return calibration, heldout, disjoint
+
+
+def job_windows(
+    tokenizer: Any, texts: list[str], n_samples: int, n_holdout: int, n_extra: int, seq_len: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """(calibration, held-out, extra, disjoint): `token_batches_with_holdout` plus up to `n_extra`
+    further windows (compensation's own budget) that never overlap the held-out ones where the
+    held-out rows are disjoint. The calibration and held-out rows do not depend on `n_extra`.
+    """
     stream = _token_stream(tokenizer, texts, seq_len)
     bos = _bos(tokenizer)
     text_len = seq_len - 1 if bos is not None else seq_len
     generator = torch.Generator().manual_seed(seed)
-    if stream.numel() // text_len >= n_samples + n_holdout:
-        both = _draw(stream, n_samples + n_holdout, seq_len, bos, generator)
-        return both[:n_samples], both[n_samples:], True
+    n_windows = stream.numel() // text_len
+    if n_windows >= n_samples + n_holdout:
+        # A prefix of one random order of the aligned windows: calibration, held-out, then extra.
+        rows = _draw(stream, min(n_windows, n_samples + n_holdout + n_extra), seq_len, bos, generator)
+        return rows[:n_samples], rows[n_samples : n_samples + n_holdout], rows[n_samples + n_holdout :], True
     cut = stream.numel() - max(text_len, stream.numel() // 5)
     if cut >= text_len:
         calibration = _draw(stream[:cut], n_samples, seq_len, bos, generator)
-        return calibration, _draw(stream[cut:], n_holdout, seq_len, bos, generator), True
-    return _draw(stream, n_samples, seq_len, bos, generator), _draw(stream, n_holdout, seq_len, bos, generator), False
+        heldout = _draw(stream[cut:], n_holdout, seq_len, bos, generator)
+        return calibration, heldout, _draw(stream[:cut], n_extra, seq_len, bos, generator), True
+    calibration = _draw(stream, n_samples, seq_len, bos, generator)
+    heldout = _draw(stream, n_holdout, seq_len, bos, generator)
+    return calibration, heldout, _draw(stream, n_extra, seq_len, bos, generator), False
+
+
+# Seed offset of self-generated windows that only compensation fits on (other text than calibration).
+COMPENSATION_SEED_OFFSET = 104729
+
+
+def compensation_batch(calibration: torch.Tensor, extra: torch.Tensor, n_windows: int) -> torch.Tensor:
+    """Compensation's own windows: the calibration rows, then the extra ones, `n_windows` in all."""
+    return torch.cat([calibration, extra.to(calibration.dtype)])[:n_windows]
 
 
 def _token_stream(tokenizer: Any, texts: list[str], seq_len: int) -> torch.Tensor:
@@ -93,6 +118,8 @@ def _bos(tokenizer: Any) -> int | None:
 
 def _draw(stream: torch.Tensor, n_samples: int, seq_len: int, bos: int | None, generator: torch.Generator):
     """`n_samples` windows of `stream`: non-overlapping aligned ones when there are enough."""
+    if n_samples == 0:
+        return torch.empty((0, seq_len), dtype=torch.long)
     text_len = seq_len - 1 if bos is not None else seq_len
     n_windows = stream.numel() // text_len
     if n_windows >= n_samples:

@@ -210,7 +210,13 @@ def run_prune(args: argparse.Namespace) -> int:
 
     from workers.engine import pipeline
     from workers.engine.artifact import write_artifact
-    from workers.engine.calibration import read_calibration_file, self_generated_batches, token_batches
+    from workers.engine.calibration import (
+        COMPENSATION_SEED_OFFSET,
+        compensation_batch,
+        read_calibration_file,
+        self_generated_batches,
+        token_batches,
+    )
     from workers.engine.device import pick_device, pick_dtype
     from workers.engine.modelzoo import default_cache_dir, load_model
     from workers.engine.registry import get_method, parse_options
@@ -248,10 +254,20 @@ def run_prune(args: argparse.Namespace) -> int:
             )
         compensation = None
         parsed = parse_options(get_method(args.method), options)
-        if args.calibration is not None and getattr(parsed, "compensation", False):
-            # Compensation's own, larger budget from the same text (another seed: other windows).
+        if getattr(parsed, "compensation", False):
+            # Compensation's own, larger budget from the same source (another seed: other windows).
             n_windows = parsed.compensation_samples  # type: ignore[attr-defined]
-            compensation = token_batches(tokenizer, calibration_texts, n_windows, args.seq_len, seed=args.seed + 1)
+            if args.calibration is not None:
+                compensation = token_batches(tokenizer, calibration_texts, n_windows, args.seq_len, seed=args.seed + 1)
+            else:
+                n_extra = max(0, n_windows - calibration.shape[0])
+                extra = calibration[:0]
+                if n_extra:
+                    seed = args.seed + COMPENSATION_SEED_OFFSET
+                    extra = self_generated_batches(
+                        model, tokenizer, n_extra, args.seq_len, seed=seed, progress=progress
+                    )
+                compensation = compensation_batch(calibration, extra, n_windows)
         recovery = None
         if recovery_texts is not None:
             recovery = token_batches(tokenizer, recovery_texts, args.n_samples, args.seq_len, seed=args.seed)
