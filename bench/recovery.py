@@ -152,7 +152,7 @@ def cmd_run(args) -> None:
             "lr": setup.config.effective_lr,
             "temperature": setup.config.temperature,
             "hidden_weight": setup.config.hidden_weight,
-            "ce_weight": setup.config.effective_ce_weight if setup.config.method == "distill" else None,
+            "ce_weight": setup.config.ce_weight_in_use,
             "variant_seconds": round(time.perf_counter() - started, 1),
         }
         emit(out, {**record, **evaluate(trial.model, tokenizer, streams, args)})

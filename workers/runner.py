@@ -27,12 +27,12 @@ from workers import shutdown
 from workers.engine import pipeline
 from workers.engine.artifact import checkpoint_dtype, resolve_artifact_dtype, write_artifact
 from workers.engine.calibration import (
-    COMPENSATION_SEED_OFFSET,
     compensation_batch,
     holdout_count,
     job_windows,
     read_calibration_file,
     self_generated_batches,
+    self_generated_compensation,
     split_holdout,
 )
 from workers.engine.device import pick_device, pick_dtype
@@ -345,11 +345,11 @@ def _calibration(
     n_heldout = holdout_count(cal["n_samples"])
     options = spec.get("options") or {}
     n_compensation = int(options.get("compensation_samples", 0)) if options.get("compensation") else 0
-    n_extra = max(0, n_compensation - cal["n_samples"])
     state.progress("calibrating", 0.0, f"building {cal['n_samples']}x{cal['seq_len']} calibration tokens")
     if cal["source"] == "dataset":
         dataset = _dataset(cal["dataset_id"], tenant_id, settings, state.sessions)
         texts = read_calibration_file(settings.data_dir / dataset.path)
+        n_extra = max(0, n_compensation - cal["n_samples"])
         calibration, heldout, extra, disjoint = job_windows(
             tokenizer, texts, cal["n_samples"], n_heldout, n_extra, cal["seq_len"], seed=seed
         )
@@ -357,24 +357,18 @@ def _calibration(
         compensation = compensation_batch(calibration, extra, n_compensation) if n_compensation else None
         return calibration, heldout, disjoint, compensation
 
-    def generate(count: int, generation_seed: int) -> torch.Tensor:
-        return self_generated_batches(
-            model,
-            tokenizer,
-            count,
-            cal["seq_len"],
-            seed=generation_seed,
-            progress=state.progress,
-            should_cancel=state.should_cancel,
-            cache_dir=settings.data_dir / "calibration-cache",
-            model_key=dense_model_key(model_id, settings, model),
-        )
-
-    calibration, heldout = split_holdout(generate(n_heldout + cal["n_samples"], seed), n_heldout)
+    sampling = {
+        "progress": state.progress,
+        "should_cancel": state.should_cancel,
+        "cache_dir": settings.data_dir / "calibration-cache",
+        "model_key": dense_model_key(model_id, settings, model),
+    }
+    n_rows = n_heldout + cal["n_samples"]
+    batch = self_generated_batches(model, tokenizer, n_rows, cal["seq_len"], seed=seed, **sampling)
+    calibration, heldout = split_holdout(batch, n_heldout)
     compensation = None
     if n_compensation:
-        extra = generate(n_extra, seed + COMPENSATION_SEED_OFFSET) if n_extra else calibration[:0]
-        compensation = compensation_batch(calibration, extra, n_compensation)
+        compensation = self_generated_compensation(model, tokenizer, calibration, n_compensation, seed, **sampling)
     state.progress("calibrating", 1.0)
     return calibration, heldout, True, compensation
 

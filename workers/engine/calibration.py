@@ -86,12 +86,26 @@ def job_windows(
 
 
 # Seed offset of self-generated windows that only compensation fits on (other text than calibration).
-COMPENSATION_SEED_OFFSET = 104729
+_COMPENSATION_SEED_OFFSET = 104729
 
 
 def compensation_batch(calibration: torch.Tensor, extra: torch.Tensor, n_windows: int) -> torch.Tensor:
     """Compensation's own windows: the calibration rows, then the extra ones, `n_windows` in all."""
     return torch.cat([calibration, extra.to(calibration.dtype)])[:n_windows]
+
+
+def self_generated_compensation(
+    model: Any, tokenizer: Any, calibration: torch.Tensor, n_windows: int, seed: int, **generate: Any
+) -> torch.Tensor:
+    """`compensation_batch` for self-generated calibration: the missing windows are sampled too
+    (another seed; `generate` goes to `self_generated_batches`: progress, cancel, cache)."""
+    n_extra = max(0, n_windows - calibration.shape[0])
+    extra = calibration[:0]
+    if n_extra:
+        extra = self_generated_batches(
+            model, tokenizer, n_extra, calibration.shape[1], seed=seed + _COMPENSATION_SEED_OFFSET, **generate
+        )
+    return compensation_batch(calibration, extra, n_windows)
 
 
 def _token_stream(tokenizer: Any, texts: list[str], seq_len: int) -> torch.Tensor:

@@ -211,10 +211,9 @@ def run_prune(args: argparse.Namespace) -> int:
     from workers.engine import pipeline
     from workers.engine.artifact import write_artifact
     from workers.engine.calibration import (
-        COMPENSATION_SEED_OFFSET,
-        compensation_batch,
         read_calibration_file,
         self_generated_batches,
+        self_generated_compensation,
         token_batches,
     )
     from workers.engine.device import pick_device, pick_dtype
@@ -260,14 +259,9 @@ def run_prune(args: argparse.Namespace) -> int:
             if args.calibration is not None:
                 compensation = token_batches(tokenizer, calibration_texts, n_windows, args.seq_len, seed=args.seed + 1)
             else:
-                n_extra = max(0, n_windows - calibration.shape[0])
-                extra = calibration[:0]
-                if n_extra:
-                    seed = args.seed + COMPENSATION_SEED_OFFSET
-                    extra = self_generated_batches(
-                        model, tokenizer, n_extra, args.seq_len, seed=seed, progress=progress
-                    )
-                compensation = compensation_batch(calibration, extra, n_windows)
+                compensation = self_generated_compensation(
+                    model, tokenizer, calibration, n_windows, args.seed, progress=progress
+                )
         recovery = None
         if recovery_texts is not None:
             recovery = token_batches(tokenizer, recovery_texts, args.n_samples, args.seq_len, seed=args.seed)

@@ -93,6 +93,11 @@ class RecoveryConfig(BaseModel):
         return {"dataset": 1.0, "self_generated": 0.0}.get(self.data, 1.0 - self.mix_fraction)
 
     @property
+    def ce_weight_in_use(self) -> float | None:
+        """What reports show: the next-token term's weight, None where the method has no such term."""
+        return self.effective_ce_weight if self.method == "distill" else None
+
+    @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
 

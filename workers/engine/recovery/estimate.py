@@ -32,7 +32,7 @@ def estimate(config: RecoveryConfig, n_params: int, device: str = "cpu") -> dict
     kind = "cuda" if device.startswith("cuda") else "cpu"
     return {
         # The resolved default, so the plan shows the loss that will run.
-        "ce_weight": config.effective_ce_weight if config.method == "distill" else None,
+        "ce_weight": config.ce_weight_in_use,
         "steps": config.planned_steps,
         "tokens": tokens,
         "self_generated_sequences": generated,

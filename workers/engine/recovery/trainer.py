@@ -161,7 +161,7 @@ def recover(
     seconds = time.perf_counter() - started
     report = {
         **config.model_dump(mode="json"),
-        "ce_weight_used": config.effective_ce_weight if config.method == "distill" else None,
+        "ce_weight_used": config.ce_weight_in_use,
         "steps_run": total,
         "tokens_trained": total * config.tokens_per_step,
         "trained_blocks": blocks if config.train == "blocks" else None,
