@@ -32,23 +32,49 @@ Call = tuple[tuple[Any, ...], dict[str, Any]]  # a block's arguments after the h
 
 class _CallRecorder:
     """Pre-hooks that record the input of block `first` and the call arguments of blocks first..last,
-    then stop the forward at block `last` (before running it)."""
+    then stop the forward at block `last` (before running it).
+
+    Only block `first` computes: the blocks after it pass their input through while recording,
+    since their arguments (masks, position embeddings) do not depend on the hidden state and the
+    replay computes their outputs itself. A pass-through returns what block `first` returned in
+    kind (a tensor, or a tuple with its extra items) so the model's loop reads it as usual."""
 
     def __init__(self, blocks: Sequence[nn.Module], first: int, last: int) -> None:
         self.blocks, self.first, self.last = blocks, first, last
         self.state: torch.Tensor | None = None
         self.calls: dict[int, Call] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._first_output: object = None
+        self._saved_forwards: dict[int, object] = {}
 
     def __enter__(self) -> _CallRecorder:
         for position in range(self.first, self.last + 1):
             hook = self._hook(position)
             self._handles.append(self.blocks[position].register_forward_pre_hook(hook, with_kwargs=True))
+        self._handles.append(self.blocks[self.first].register_forward_hook(self._keep_first_output))
+        for position in range(self.first + 1, self.last):
+            block = self.blocks[position]
+            self._saved_forwards[position] = block.__dict__.get("forward")  # an instance-level patch, if any
+            block.forward = self._pass_through
         return self
 
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
+        for position, saved in self._saved_forwards.items():
+            if saved is None:
+                del self.blocks[position].forward
+            else:
+                self.blocks[position].forward = saved
+
+    def _keep_first_output(self, module: nn.Module, args: tuple, output: object) -> None:
+        self._first_output = output
+
+    def _pass_through(self, *args: Any, **kwargs: Any) -> object:
+        hidden = block_input(args, kwargs)
+        if isinstance(self._first_output, tuple):
+            return (hidden, *self._first_output[1:])
+        return hidden
 
     def _hook(self, position: int) -> Callable[[nn.Module, tuple, dict], None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
