@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
-from sqlalchemy import func, select
+from sqlalchemy import case, func, null, select
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -108,16 +107,18 @@ def job_registry(session: Session, tenant: str | None = None) -> CollectorRegist
     failures = Gauge(
         "slimforge_job_failures", "Failed jobs by error code and stage", ["code", "stage"], registry=registry
     )
+    # Only the timings are read out of each result (a JSON path in SQL): reports with curves and
+    # per-layer tables are many KiB per job, and a scrape must not load them all.
+    timings_of = case((Job.status == "succeeded", Job.result["timings"]), else_=null())
     rows = session.execute(
-        select(Job.method, Job.status, Job.created_at, Job.started_at, Job.finished_at, Job.result).where(*scope)
+        select(Job.method, Job.status, Job.created_at, Job.started_at, Job.finished_at, timings_of).where(*scope)
     ).all()
-    for method, status, created, started, finished, result in rows:
+    for method, status, created, started, finished, timings in rows:
         if (wait := _seconds(created, started)) is not None:
             queue_wait.labels(method=method).observe(wait)
         if status in ("succeeded", "failed", "cancelled") and (run := _seconds(started, finished)) is not None:
             duration.labels(method=method, status=status).observe(run)
-        timings: Any = (result or {}).get("timings") if status == "succeeded" else None
-        for stage, seconds in (timings or {}).items():
+        for stage, seconds in (timings if isinstance(timings, dict) else {}).items():
             if isinstance(seconds, int | float):
                 stages.labels(method=method, stage=stage).observe(float(seconds))
     failed = select(Job.error_code, Job.error_stage, func.count()).where(Job.status == "failed", *scope)

@@ -179,3 +179,37 @@ def test_catalog_health_and_metrics(api: Api, model_root: Path) -> None:
     api.settings.metrics_token = "scrape-token"
     everyone = api.client.get("/metrics", headers={"Authorization": "Bearer scrape-token"}).text
     assert 'slimforge_jobs{status="queued"} 1.0' in everyone
+
+
+def test_metrics_read_stage_timings_of_succeeded_jobs_only(api: Api, model_root: Path) -> None:
+    """/metrics reads each result's `timings` in SQL; a failed job's partial timings do not count."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.db import session_scope
+    from app.models import Job, utcnow
+
+    done, failed = (api.post("/v1/jobs", json=tiny_job(model_root)).json()["id"] for _ in range(2))
+    now = utcnow()
+    report = {"curve": [{"k": k, "loss": 1.0} for k in range(2000)]}  # a large result beside the timings
+    with session_scope(api.client.app.state.services.sessions) as session:
+        for job_id, status, timings in (
+            (done, "succeeded", {"scoring": 2.5, "note": "x"}),
+            (failed, "failed", {"scoring": 9.0}),
+        ):
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(
+                    status=status,
+                    started_at=now - timedelta(seconds=3),
+                    finished_at=now,
+                    result={"timings": timings, "report": report},
+                )
+            )
+    metrics = api.get("/metrics").text
+    assert 'slimforge_job_stage_seconds_count{method="last_k",stage="scoring"} 1.0' in metrics
+    assert 'slimforge_job_stage_seconds_sum{method="last_k",stage="scoring"} 2.5' in metrics
+    assert 'stage="note"' not in metrics
+    assert 'slimforge_job_duration_seconds_count{method="last_k",status="failed"} 1.0' in metrics
