@@ -304,7 +304,8 @@ def test_cached_targets_and_replayed_prefix_give_the_streamed_fit(kind, n, refit
     """One original pass for every placement's target and the pruned state replayed from placement
     to placement give the same projections, bit for bit, as re-running both prefixes per placement
     (the fallback past `target_cache_mib`)."""
-    import workers.engine.compensation as comp
+    import workers.engine.compensation.fit as fit
+    import workers.engine.compensation.streaming as streaming
     from workers.engine.hidden import lm_loss
 
     model = _six_layer(kind)
@@ -316,9 +317,9 @@ def test_cached_targets_and_replayed_prefix_give_the_streamed_fit(kind, n, refit
         copy_ = copy.deepcopy(model)
         with monkeypatch.context() as patch:
             if budget:  # the cached run must not re-run either prefix
-                patch.setattr(comp, "_pruned_rows", lambda *a: pytest.fail("pruned prefix re-run"))
-                patch.setattr(comp, "_original_rows", lambda *a: pytest.fail("original prefix re-run"))
-                patch.setattr(comp, "lm_loss", lambda *a: full_losses.append(1) or lm_loss(*a))
+                patch.setattr(streaming, "_pruned_rows", lambda *a: pytest.fail("pruned prefix re-run"))
+                patch.setattr(streaming, "_original_rows", lambda *a: pytest.fail("original prefix re-run"))
+                patch.setattr(fit, "lm_loss", lambda *a: full_losses.append(1) or lm_loss(*a))
             config = CompensationConfig(min_improvement=-1.0, target_cache_mib=budget, refit_on_all=refit)
             report = compensate(copy_, keep, ids, config)
         writers = [find_writer(copy_.model.layers[i])[0].weight.detach().clone() for i in keep]
@@ -334,7 +335,7 @@ def test_cached_targets_and_replayed_prefix_give_the_streamed_fit(kind, n, refit
 
 
 def test_target_cache_budget():
-    from workers.engine.compensation import target_cache_fits
+    from workers.engine.compensation.streaming import target_cache_fits
 
     assert target_cache_fits(4096, 576, 8, 1024.0)  # SmolLM2, 32 x 128 tokens, 8 placements: 72 MiB
     assert not target_cache_fits(4096, 576, 8, 70.0)
