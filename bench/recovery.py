@@ -108,6 +108,7 @@ def cmd_run(args) -> None:
         "model": args.model,
         "method": args.method,
         "target": args.target,
+        "options": json.loads(args.options),
         "data": args.data,
         "eval_tokens": args.eval_tokens,
     }
@@ -196,11 +197,13 @@ def cmd_report(args) -> None:
     lines: list[str] = []
     for r in rows:
         r.setdefault("eval_tokens", 4096)  # rows before the field was recorded all used 4,096
-    group_key = ("model", "method", "target", "eval_tokens")
+        r["options_key"] = json.dumps(r.get("options") or {}, sort_keys=True)  # recorded since 4 Dec; {} before
+    group_key = ("model", "method", "target", "options_key", "eval_tokens")
     groups = list(dict.fromkeys(tuple(r[k] for k in group_key) for r in rows if r["variant"] != "dense"))
     fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(5.5 * max(len(groups), 1), 4), squeeze=False)
     for ax, group in zip(axes[0], groups, strict=True):
-        model, method, target, eval_tokens = group
+        model, method, target, options_key, eval_tokens = group
+        options = "" if options_key == "{}" else f", options {options_key}"
         # The dense reference of the same model measured on the same evaluation tokens.
         dense = next(
             (r for r in rows if (r["model"], r["eval_tokens"]) == (model, eval_tokens) and r["variant"] == "dense"),
@@ -218,7 +221,7 @@ def cmd_report(args) -> None:
             )
         )
         lines += [
-            f"### {model}, {method} at {target:.0%} ({'parameters' if method == 'llm_pruner' else 'layers'}), "
+            f"### {model}, {method} at {target:.0%} ({'parameters' if method == 'llm_pruner' else 'layers'}){options}, "
             f"evaluated on {eval_tokens:,} tokens per set",
             "",
             "| recovery | data | lr | ce_weight | wiki2 PPL (x dense) | PTB PPL (x dense) | tokens trained "
@@ -257,7 +260,9 @@ def cmd_report(args) -> None:
         ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
         ax.set_xticks(list(xs), labels, rotation=45, ha="right", fontsize=7)
         ax.set_ylabel("perplexity / dense")
-        ax.set_title(f"{model.split(':')[-1]} {method} {target:.0%} ({eval_tokens // 1024}k eval tokens)", fontsize=9)
+        ax.set_title(
+            f"{model.split(':')[-1]} {method} {target:.0%}{options} ({eval_tokens // 1024}k eval tokens)", fontsize=8
+        )
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
