@@ -140,7 +140,3 @@ def refine_projection(
         for p, flag in zip(norm_params, flags, strict=True):
             p.requires_grad_(flag)
     return best[1]
-
-
-def mse(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).pow(2).mean())

@@ -24,22 +24,35 @@ def _original_rows(model: nn.Module, layer: int, batch: torch.Tensor) -> torch.T
     return token_rows(io.outputs[layer])
 
 
-@torch.no_grad()
-def _pruned_rows(
-    model: nn.Module, keep: Sequence[int], position: int, batch: torch.Tensor
+def _writer_split(
+    writer: nn.Linear, post_norm: nn.Module | None, run: Callable[[], torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z, residual) token rows of the pruned model at a placement: block output = residual + f(z)."""
-    writer, post_norm, _ = find_writer(find_layers(model).layers[keep[position]])
+    """(z, residual) token rows of the block output `run()` computes: output = residual + f(z),
+    z being what `writer` returned during the run."""
     captured: list[torch.Tensor] = []
     handle = writer.register_forward_hook(lambda m, a, out: captured.append(out.detach().float()))
     try:
-        with layer_subset(model, keep), BlockIO(model, [position], inputs=False, stop_after=position) as pruned:
-            capture_forward(model, batch)
+        output = run()
     finally:
         handle.remove()
     z = token_rows(captured[-1])
     contribution = apply_writer(z, torch.eye(z.shape[1], device=z.device), post_norm)
-    return z, token_rows(pruned.outputs[position]) - contribution
+    return z, token_rows(output) - contribution
+
+
+@torch.no_grad()
+def _pruned_rows(
+    model: nn.Module, keep: Sequence[int], position: int, batch: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, residual) token rows of the pruned model at a placement, from a forward of `batch`."""
+    writer, post_norm, _ = find_writer(find_layers(model).layers[keep[position]])
+
+    def placement_output() -> torch.Tensor:
+        with layer_subset(model, keep), BlockIO(model, [position], inputs=False, stop_after=position) as pruned:
+            capture_forward(model, batch)
+        return pruned.outputs[position]
+
+    return _writer_split(writer, post_norm, placement_output)
 
 
 @torch.no_grad()
@@ -47,15 +60,7 @@ def _replayed_rows(
     prefix: PrefixReplay, index: int, position: int, writer: nn.Linear, post_norm: nn.Module | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`_pruned_rows` for micro-batch `index`, from the replayed state entering the placement."""
-    captured: list[torch.Tensor] = []
-    handle = writer.register_forward_hook(lambda m, a, out: captured.append(out.detach().float()))
-    try:
-        output = prefix.run_block(index, position)
-    finally:
-        handle.remove()
-    z = token_rows(captured[-1])
-    contribution = apply_writer(z, torch.eye(z.shape[1], device=z.device), post_norm)
-    return z, token_rows(output) - contribution
+    return _writer_split(writer, post_norm, lambda: prefix.run_block(index, position))
 
 
 @torch.no_grad()
