@@ -151,7 +151,15 @@ def run(args) -> None:
         print(f"selecting with {selector} at {max_ratio}", flush=True)
         model = load(checkpoint)
         options = {"compensation": False, **args.options.get(selector, {})}
-        outcome = prune(model, data["calibration"], method=base, target_sparsity=max_ratio, options=options)
+        # Selectors that fit compensation while scoring see the same windows compensation fits on.
+        outcome = prune(
+            model,
+            data["calibration"],
+            method=base,
+            target_sparsity=max_ratio,
+            options=options,
+            compensation_data=data["compensation"],
+        )
         report = outcome.report
         runs[f"{selector}@{report['k']}"] = entry = {
             "selector": selector,

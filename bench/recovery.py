@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from width_pruning import CACHE, DATA, emit, eval_streams, evaluate, with_bos  # noqa: E402
 
 from workers.engine.calibration import token_batches  # noqa: E402
+from workers.engine.evaluation.paired import paired_average_difference  # noqa: E402
 from workers.engine.modelzoo import load_model  # noqa: E402
 from workers.engine.pipeline import RecoverySetup, apply_recovery, prepare_recovery, prune  # noqa: E402
 from workers.engine.recovery import RecoveryConfig  # noqa: E402
@@ -59,6 +60,7 @@ def recovery_config(variant: str, data_name: str, args) -> RecoveryConfig:
         ),
         n_samples=args.samples,
         seq_len=args.seq_len,
+        **({"lora_r": args.lora_r, "lora_alpha": args.lora_alpha or 2 * args.lora_r} if "lora" in variant else {}),
         steps=args.steps,
         batch_size=args.batch,
         micro_batch_size=args.batch,
@@ -111,6 +113,7 @@ def cmd_run(args) -> None:
         "options": json.loads(args.options),
         "data": args.data,
         "eval_tokens": args.eval_tokens,
+        "zs_limit": args.zs_limit if args.tasks else None,
     }
     if args.dense:
         emit(out, {**base, "variant": "dense", **evaluate(model, tokenizer, streams, args)})
@@ -154,6 +157,7 @@ def cmd_run(args) -> None:
             "temperature": setup.config.temperature,
             "hidden_weight": setup.config.hidden_weight,
             "ce_weight": setup.config.ce_weight_in_use,
+            "lora_r": setup.config.lora_r if setup.config.train == "lora" else None,
             "variant_seconds": round(time.perf_counter() - started, 1),
         }
         emit(out, {**record, **evaluate(trial.model, tokenizer, streams, args)})
@@ -169,9 +173,10 @@ def zero_shot_lines(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     tasks = list(rows[0]["zero_shot"])
+    dense = next((r for r in rows if r["variant"] == "dense" and "zero_shot_hits" in r), None)
     lines = [
-        "| recovery | data | tokens | " + " | ".join(tasks) + " | average |",
-        "|---" * (len(tasks) + 4) + "|",
+        "| recovery | data | tokens | " + " | ".join(tasks) + " | average | vs dense, paired |",
+        "|---" * (len(tasks) + 5) + "|",
     ]
     for r in rows:
         se = r.get("zero_shot_stderr", {})
@@ -179,10 +184,17 @@ def zero_shot_lines(rows: list[dict]) -> list[str]:
         avg_se = math.sqrt(sum(se.get(t, float("nan")) ** 2 for t in tasks)) / len(tasks)
         data = "-" if r["variant"] in ("dense", "none") else r["data"]
         variant = r["variant"] + ("+ce" if r.get("ce_weight") else "")
+        vs_dense = "-"
+        same_items = dense is not None and "zero_shot_hits" in r and r is not dense
+        if same_items and [len(v) for v in r["zero_shot_hits"].values()] == [
+            len(v) for v in dense["zero_shot_hits"].values()
+        ]:
+            diff, diff_se = paired_average_difference(r["zero_shot_hits"], dense["zero_shot_hits"])
+            vs_dense = f"{100 * diff:+.1f} ± {100 * diff_se:.1f}"
         lines.append(
             f"| {variant} | {data} | {r.get('tokens_trained', '-')} | "
             + " | ".join(cells)
-            + f" | {100 * r['zero_shot_avg']:.1f} ± {100 * avg_se:.1f} |"
+            + f" | {100 * r['zero_shot_avg']:.1f} ± {100 * avg_se:.1f} | {vs_dense} |"
         )
     return lines
 
@@ -197,6 +209,7 @@ def cmd_report(args) -> None:
     lines: list[str] = []
     for r in rows:
         r.setdefault("eval_tokens", 4096)  # rows before the field was recorded all used 4,096
+        r.setdefault("zs_limit", 200 if "zero_shot" in r else None)  # likewise: 200 items per task
         r["options_key"] = json.dumps(r.get("options") or {}, sort_keys=True)  # recorded since 4 Dec; {} before
     group_key = ("model", "method", "target", "options_key", "eval_tokens")
     groups = list(dict.fromkeys(tuple(r[k] for k in group_key) for r in rows if r["variant"] != "dense"))
@@ -251,9 +264,15 @@ def cmd_report(args) -> None:
             scale = (dense["ppl_wikitext2"], dense["ppl_ptb"]) if dense else (1.0, 1.0)
             wiki.append(r["ppl_wikitext2"] / scale[0])
             ptb.append(r["ppl_ptb"] / scale[1])
-        # Zero-shot items do not depend on the perplexity tokens: any dense run of the model will do.
-        dense_zs = next((r for r in rows if r["model"] == model and r["variant"] == "dense" and "zero_shot" in r), None)
-        lines += ["", *zero_shot_lines([r for r in [dense_zs, *sub] if r and "zero_shot" in r]), ""]
+        # Zero-shot items do not depend on the perplexity tokens: any dense run of the model with the
+        # same number of items per task will do (one table per item count).
+        for limit in sorted({r["zs_limit"] for r in sub if "zero_shot" in r}):
+            dense_zs = next(
+                (r for r in rows if r["model"] == model and r["variant"] == "dense" and r.get("zs_limit") == limit),
+                None,
+            )
+            scored = [r for r in [dense_zs, *sub] if r and "zero_shot" in r and r["zs_limit"] == limit]
+            lines += ["", f"Zero-shot, {limit} items per task:", "", *zero_shot_lines(scored), ""]
         xs = range(len(labels))
         ax.bar([x - 0.2 for x in xs], wiki, width=0.4, label="WikiText-2 (held-out half)")
         ax.bar([x + 0.2 for x in xs], ptb, width=0.4, label="PTB")
@@ -297,6 +316,8 @@ def main() -> None:
     run.add_argument("--zs-limit", type=int, default=200)
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    run.add_argument("--lora-r", type=int, default=8, help="LoRA rank (lora variants)")
+    run.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (default: 2 x rank)")
     run.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden-state MSE term")
     run.add_argument(
         "--ce-weight", type=float, default=None, help="next-token term in distillation (default: the engine's, by data)"

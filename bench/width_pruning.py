@@ -78,8 +78,11 @@ def evaluate(model, tokenizer, streams, args) -> dict:
     for name, ids in streams.items():
         result[f"ppl_{name}"] = round(perplexity(model, ids, seq_len=args.ppl_seq_len, batch_size=8)["ppl"], 3)
     if args.tasks:
-        zs = zero_shot(model, tokenizer, args.tasks.split(","), DATA / "eval", limit=args.zs_limit, seed=0)
+        zs = zero_shot(
+            model, tokenizer, args.tasks.split(","), DATA / "eval", limit=args.zs_limit, seed=0, per_item=True
+        )
         result["zero_shot"] = {t: round(v["acc_norm"], 4) for t, v in zs.items()}
+        result["zero_shot_hits"] = {t: v["hits_norm"] for t, v in zs.items()}  # paired comparisons
         result["zero_shot_acc"] = {t: round(v["acc"], 4) for t, v in zs.items()}
         result["zero_shot_stderr"] = {t: round(v["acc_norm_stderr"], 4) for t, v in zs.items()}
         result["zero_shot_avg"] = round(sum(result["zero_shot"].values()) / len(zs), 4)

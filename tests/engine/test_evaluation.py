@@ -210,3 +210,14 @@ def test_batched_packing_equals_one_item_at_a_time_within_1e4(tiny_llama):
     flat = [s for scores in got for s in scores]
     assert len(flat) == len(naive)
     assert max(abs(a - b) for a, b in zip(flat, naive, strict=True)) < 1e-4
+
+
+def test_per_item_outcomes_agree_with_the_accuracies():
+    items = [
+        MCItem(requests=(("q", " x"), ("q", " yyyy")), gold=0, norm_lengths=(1, 4)),
+        MCItem(requests=(("q", " x"), ("q", " yyyy")), gold=1, norm_lengths=(1, 4)),
+    ]
+    result = score_items(items, [[-5.0, -8.0], [-5.0, -8.0]], per_item=True)
+    assert result["hits"] == [1, 0] and result["hits_norm"] == [0, 1]
+    assert sum(result["hits"]) / 2 == result["acc"] and sum(result["hits_norm"]) / 2 == result["acc_norm"]
+    assert "hits" not in score_items(items, [[-5.0, -8.0], [-5.0, -8.0]])

@@ -6,11 +6,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 Placement = Literal["after_cut", "before_cut", "around_cut", "max_relative_shift", "max_shift"]
+# projection: a d x d matrix after the writer (W <- P^T W); writer: the writer's whole weight refitted
+# from what it reads (more unknowns, the same streaming pass).
+FitKind = Literal["projection", "writer"]
 
 
 @dataclass
 class CompensationConfig:
     placement: Placement = "around_cut"
+    fit: FitKind = "projection"
     max_projections: int = 8
     ridge: float = 1.0  # lam = ridge * trace(X^T X) / d, so it is scale free
     refine_steps: int = 0

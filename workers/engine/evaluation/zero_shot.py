@@ -29,20 +29,22 @@ def _stderr(hits: list[int]) -> float:
     return math.sqrt(sum((h - mean) ** 2 for h in hits) / (n - 1) / n)
 
 
-def score_items(items: Sequence[MCItem], loglik: Sequence[Sequence[float]]) -> dict:
-    """acc / acc_norm of items given each choice's summed log-likelihood."""
+def score_items(items: Sequence[MCItem], loglik: Sequence[Sequence[float]], per_item: bool = False) -> dict:
+    """acc / acc_norm of items given each choice's summed log-likelihood; with `per_item`, also each
+    item's 0/1 outcomes (`hits`, `hits_norm`), so two models scored on the same items can be paired."""
     hits, hits_norm = [], []
     for item, lls in zip(items, loglik, strict=True):
         hits.append(int(_argmax(lls) == item.gold))
         hits_norm.append(int(_argmax([ll / n for ll, n in zip(lls, item.norm_lengths, strict=True)]) == item.gold))
     n = len(items)
-    return {
+    scored = {
         "acc": sum(hits) / n if n else float("nan"),
         "acc_norm": sum(hits_norm) / n if n else float("nan"),
         "n": n,
         "acc_stderr": _stderr(hits),
         "acc_norm_stderr": _stderr(hits_norm),
     }
+    return scored | ({"hits": hits, "hits_norm": hits_norm} if per_item else {})
 
 
 def zero_shot(
@@ -55,6 +57,7 @@ def zero_shot(
     batch_size: int = 32,
     progress: ProgressFn | None = None,
     max_batch_tokens: int | None = None,
+    per_item: bool = False,
 ) -> dict[str, dict]:
     """{task: {"acc", "acc_norm", "n", "acc_stderr", "acc_norm_stderr", "seconds"}} for each task.
 
@@ -63,6 +66,7 @@ def zero_shot(
     questions per forward pass, `max_batch_tokens` the padded tokens per pass (default: 4096 on CPU,
     where larger batches gain nothing, 32768 on accelerators).
     `progress(stage, fraction, message)` is called after every forward pass (it may raise to cancel).
+    `per_item` adds every item's 0/1 outcomes (benchmarks pair two models on them).
     """
     progress = progress or no_progress
     check_tasks(tasks)
@@ -88,5 +92,5 @@ def zero_shot(
             max_tokens=max_batch_tokens,
             on_batch=on_batch,
         )
-        results[task] = score_items(items, lls) | {"seconds": round(time.perf_counter() - started, 2)}
+        results[task] = score_items(items, lls, per_item) | {"seconds": round(time.perf_counter() - started, 2)}
     return results

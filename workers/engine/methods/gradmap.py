@@ -22,18 +22,21 @@ from torch import nn
 from workers.engine.compensation import OriginalWeights, compensate, find_writer
 from workers.engine.hidden import lm_loss
 from workers.engine.layers import find_layers, layer_subset
+from workers.engine.methods.compensable_scores import compensable_kl_scores
 from workers.engine.methods.gradient_scores import ResidualScore, WeightScore, gradient_scores
 from workers.engine.methods.layer_common import (
     CompensatedOptions,
     Selection,
     SelectorInput,
+    compensation_tokens,
     decision,
     one_shot_decisions,
     pick_lowest,
     register_layer_method,
 )
 
-GradMAPScore = ResidualScore | WeightScore  # every score gradient_scores() knows
+CompensableScore = Literal["kl_fisher_comp"]
+GradMAPScore = ResidualScore | WeightScore | CompensableScore
 
 
 class GradMAPOptions(CompensatedOptions):
@@ -118,9 +121,21 @@ def select(inp: SelectorInput) -> Selection:
 
     def score(keep: list[int]) -> dict[int, float]:
         with layer_subset(ctx.model, keep):
-            values = gradient_scores(
-                ctx.model, ctx.calibration, options.score, options.micro_batch_size, ctx.check_cancel, count
-            )
+            if options.score == "kl_fisher_comp":
+                fit_ids, _ = compensation_tokens(ctx, options)
+                values = compensable_kl_scores(
+                    ctx.model,
+                    ctx.calibration,
+                    fit_ids,
+                    options.compensation_ridge,
+                    options.micro_batch_size,
+                    ctx.check_cancel,
+                    count,
+                )
+            else:
+                values = gradient_scores(
+                    ctx.model, ctx.calibration, options.score, options.micro_batch_size, ctx.check_cancel, count
+                )
         allowed = set(inp.candidates)
         return {layer: values[pos] for pos, layer in enumerate(keep) if layer in allowed}
 
