@@ -38,6 +38,7 @@ from workers.engine.calibration import (
 from workers.engine.device import pick_device, pick_dtype
 from workers.engine.heldout import WriterSnapshot, heldout_quality
 from workers.engine.modelzoo import load_model, resolve_checkpoint
+from workers.engine.search import PerplexityMeasure
 from workers.engine.types import EngineError, JobCancelled
 from workers.job_state import Heartbeat, JobState, LostOwnership, ProgressPlan
 
@@ -246,6 +247,8 @@ def _execute(
     with timer("pruning_total"):
         if spec.get("target"):
             measure = _target_measure(spec["target"], tokenizer, tenant_id, settings, state)
+            if isinstance(measure, PerplexityMeasure):
+                measure.dense_cache = _dense_search_cache(measure, spec["model"], settings, model)
             outcome = pipeline.search(model, calibration, target=spec["target"], measure=measure, **common)
         else:
             outcome = pipeline.prune(
@@ -444,6 +447,15 @@ def _evaluate(
         return compute()
     # Dataset ids name immutable uploads, so every config (including "dataset:<id>" texts) caches safely.
     return cached_evaluate(settings.eval_cache_dir, dense_model_key(spec["model"], settings, model), config, compute)
+
+
+def _dense_search_cache(measure: Any, model_id: str, settings: Settings, model: Any) -> Any:
+    """The dense side of a perplexity budget, cached like dense evaluations: by model and exact tokens."""
+    from workers.engine.evaluation import cached_evaluate
+
+    config = {"search_dense_perplexity": tensor_sha256(measure.ids), "seq_len": measure.seq_len}
+    key = dense_model_key(model_id, settings, model)
+    return lambda compute: cached_evaluate(settings.eval_cache_dir, key, config, compute)
 
 
 def dense_model_key(model_id: str, settings: Settings, model: Any) -> str:

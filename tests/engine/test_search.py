@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -263,3 +265,29 @@ def test_search_grows_the_removal_order_only_as_far_as_its_probes(tiny_llama):
     assert len(q["removal_order"]) == 2  # k_max is 3: the third decision was never computed
     one = prune(tiny_llama, ids(), method="gradmap", target_sparsity=0.25)
     assert outcome.report["removed_layers"] == one.report["removed_layers"]
+
+
+def test_dense_side_of_a_search_comes_from_its_cache(tiny_llama, tmp_path):
+    """A second search on the same model and tokens reads the dense perplexity from the cache."""
+    from workers.engine.evaluation import cached_evaluate
+    from workers.engine.search import PerplexityMeasure
+
+    computed = []
+
+    def cache(compute):
+        def counted():
+            computed.append(1)
+            return compute()
+
+        return cached_evaluate(tmp_path, "tiny", {"tokens": "fixed"}, counted)
+
+    target = {"max_perplexity_ratio": 1000.0, "max_sparsity": 0.5}
+    curves = []
+    for _ in range(2):
+        measure = PerplexityMeasure(stream(), 16, dense_cache=cache)
+        outcome = search(copy.deepcopy(tiny_llama), ids(), method="gradmap", target=target, measure=measure)
+        curves.append(outcome.report["quality_target"])
+    assert computed == [1]  # the dense model was scored once
+    assert [c["dense_cached"] for c in curves] == [False, True]
+    assert curves[0]["dense_value"] == curves[1]["dense_value"]
+    assert [p["value"] for p in curves[0]["curve"]] == [p["value"] for p in curves[1]["curve"]]

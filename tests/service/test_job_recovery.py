@@ -92,6 +92,13 @@ def test_quality_target_job_publishes_the_chosen_model_and_curve(api: Api, model
     assert status == "succeeded", job["error"]
     q = job["result"]["quality_target"]
     assert job["target_sparsity"] is None and q["chosen_size"] == 2 and [p["size"] for p in q["curve"]] == [1, 2]
+    assert q["dense_cached"] is False
+    # The same budget again: the dense side is read from the evaluation cache, the answer is the same.
+    status, again = run(api, body)
+    assert status == "succeeded", again["error"]
+    repeat = again["result"]["quality_target"]
+    assert repeat["dense_cached"] is True and repeat["dense_value"] == q["dense_value"]
+    assert [p["value"] for p in repeat["curve"]] == [p["value"] for p in q["curve"]]
     # A random model answers 20 two-way questions right by chance, never 99 % of them.
     api.settings.eval_data_dir = SHARED_DATA
     floor = {"min_zero_shot_accuracy": 0.99, "tasks": ["piqa"], "limit": 20, "max_sparsity": 0.34}

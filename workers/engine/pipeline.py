@@ -271,7 +271,7 @@ def search(
     # sequential: probes far from the budget stop early); other measures score every probe fully.
     dense_scored = None
     if isinstance(measure, PerplexityMeasure) and target.max_perplexity_ratio is not None:
-        dense_scored = measure.full(model)
+        dense_scored = measure.dense(model)
     dense_value = float(dense_scored["ppl"]) if dense_scored is not None else measure(model)
     common = {"progress": progress, "should_cancel": should_cancel, "seed": seed, "tokenizer": tokenizer}
     order: list[int] | None = None
@@ -375,6 +375,7 @@ def search(
         **target.model_dump(mode="json"),
         "metric": target.metric,
         "dense_value": round(dense_value, 5),
+        "dense_cached": bool(dense_scored is not None and dense_scored.get("cached")),
         "chosen_size": found.chosen.size,
         "chosen_value": round(found.chosen.value, 5),
         "curve": [p.to_json() for p in found.curve],

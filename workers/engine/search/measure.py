@@ -34,8 +34,25 @@ class PerplexityMeasure:
     far from the budget then cost a fraction of the text; those near it score all of it.
     """
 
-    def __init__(self, ids: torch.Tensor, seq_len: int, *, z: float = 3.0, min_segments: int = 16) -> None:
+    def __init__(
+        self,
+        ids: torch.Tensor,
+        seq_len: int,
+        *,
+        z: float = 3.0,
+        min_segments: int = 16,
+        dense_cache: Callable[[Callable[[], dict[str, Any]]], dict[str, Any]] | None = None,
+    ) -> None:
         self.ids, self.seq_len, self.z, self.min_segments = ids, seq_len, z, min_segments
+        # `dense_cache(compute)` returns a stored `full()` of the dense model, or computes and stores
+        # it: the service keys it by model and exact tokens, so repeated searches skip that pass.
+        self.dense_cache = dense_cache
+
+    def dense(self, model: torch.nn.Module) -> dict[str, Any]:
+        """`full()` of the dense model, from the cache when one is set."""
+        if self.dense_cache is None:
+            return self.full(model)
+        return self.dense_cache(lambda: self.full(model))
 
     def full(self, model: torch.nn.Module, stop: Callable[[torch.Tensor], bool] | None = None) -> dict[str, Any]:
         from workers.engine.evaluation import perplexity
