@@ -59,6 +59,8 @@ def recovery_config(variant: str, data_name: str, args) -> RecoveryConfig:
             else {}
         ),
         n_samples=args.samples,
+        sample_top_k=args.sample_top_k,
+        sample_temperature=args.sample_temperature,
         seq_len=args.seq_len,
         **({"lora_r": args.lora_r, "lora_alpha": args.lora_alpha or 2 * args.lora_r} if "lora" in variant else {}),
         steps=args.steps,
@@ -158,6 +160,9 @@ def cmd_run(args) -> None:
             "hidden_weight": setup.config.hidden_weight,
             "ce_weight": setup.config.ce_weight_in_use,
             "lora_r": setup.config.lora_r if setup.config.train == "lora" else None,
+            "sampling": [setup.config.sample_top_k, setup.config.sample_temperature]
+            if data_name == "self_generated"
+            else None,
             "variant_seconds": round(time.perf_counter() - started, 1),
         }
         emit(out, {**record, **evaluate(trial.model, tokenizer, streams, args)})
@@ -316,6 +321,8 @@ def main() -> None:
     run.add_argument("--zs-limit", type=int, default=200)
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    run.add_argument("--sample-top-k", type=int, default=50, help="self-generated data: top-k (0: all tokens)")
+    run.add_argument("--sample-temperature", type=float, default=1.0, help="self-generated data: temperature")
     run.add_argument("--lora-r", type=int, default=8, help="LoRA rank (lora variants)")
     run.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (default: 2 x rank)")
     run.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden-state MSE term")

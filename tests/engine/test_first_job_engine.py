@@ -44,6 +44,17 @@ def test_self_generated_tokens_are_cached_per_model_seed_count_and_length(tmp_pa
     assert torch.equal(self_generated_batches(model, tokenizer, 5, 12, seed=3, **kwargs), first)
     with pytest.raises(AssertionError, match="sampled again"):  # another seed is another entry
         self_generated_batches(model, tokenizer, 5, 12, seed=4, **kwargs)
+    with pytest.raises(AssertionError, match="sampled again"):  # so is another sampling recipe
+        self_generated_batches(model, tokenizer, 5, 12, seed=3, top_k=0, temperature=1.5, **kwargs)
+
+
+def test_sampling_recipe_changes_the_samples() -> None:
+    """Full-distribution sampling at a higher temperature draws other text than the top-k default."""
+    model, tokenizer = tiny_with_tokenizer()
+    default = self_generated_batches(model, tokenizer, 4, 16, seed=0)
+    varied = self_generated_batches(model, tokenizer, 4, 16, seed=0, top_k=0, temperature=1.5)
+    assert varied.shape == default.shape and not torch.equal(varied, default)
+    assert torch.equal(self_generated_batches(model, tokenizer, 4, 16, seed=0, top_k=0, temperature=1.5), varied)
 
 
 def test_a_cancel_stops_sampling_at_the_next_token() -> None:

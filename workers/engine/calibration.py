@@ -195,9 +195,19 @@ def start_prompts(tokenizer: Any, n_samples: int, seed: int) -> torch.Tensor:
     return prompt
 
 
-def generation_cache_path(cache_dir: Path, model_key: str, seed: int, n_samples: int, seq_len: int, chunk: int) -> Path:
-    """Where the tokens of one (model, seed, count, length) sampling run are kept."""
-    key = f"{model_key}|{SAMPLING_RECIPE}|chunk={chunk}|seed={seed}|n={n_samples}|len={seq_len}"
+def generation_cache_path(
+    cache_dir: Path,
+    model_key: str,
+    seed: int,
+    n_samples: int,
+    seq_len: int,
+    chunk: int,
+    top_k: int = 50,
+    temperature: float = 1.0,
+) -> Path:
+    """Where the tokens of one (model, seed, count, length, sampling) run are kept."""
+    recipe = SAMPLING_RECIPE if (top_k, temperature) == (50, 1.0) else f"topk{top_k}-t{temperature:g}-v2"
+    key = f"{model_key}|{recipe}|chunk={chunk}|seed={seed}|n={n_samples}|len={seq_len}"
     return cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
 
 
@@ -230,10 +240,13 @@ def self_generated_batches(
     model_key: str | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress_interval: float = 2.0,
+    top_k: int = 50,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Sample calibration text from the model itself (no data needed): [n_samples, seq_len] token ids.
 
-    Each sample starts from a seeded ordinary token and is completed by top-k sampling. Samples are
+    Each sample starts from a seeded ordinary token and is completed by top-k sampling at
+    `temperature` (`top_k` 0: from the whole distribution). Samples are
     decoded together in batches of `chunk_size` with the KV cache; a cancel stops decoding at the
     next token. With `cache_dir` and `model_key`, the tokens of a (model, seed, count, length) run
     are stored and later jobs reuse them instead of sampling again.
@@ -242,7 +255,9 @@ def self_generated_batches(
         raise JobCancelled()
     cached_path = None
     if cache_dir is not None and model_key is not None:
-        cached_path = generation_cache_path(cache_dir, model_key, seed, n_samples, seq_len, chunk_size)
+        cached_path = generation_cache_path(
+            cache_dir, model_key, seed, n_samples, seq_len, chunk_size, top_k, temperature
+        )
         cached = _load_cached(cached_path, n_samples, seq_len)
         if cached is not None:
             progress("calibrating", 1.0, f"reusing {n_samples}x{seq_len} self-generated tokens (cached)")
@@ -269,8 +284,8 @@ def self_generated_batches(
             prompt,
             attention_mask=torch.ones_like(prompt),
             do_sample=True,
-            top_k=50,
-            temperature=1.0,
+            top_k=top_k,
+            temperature=temperature,
             max_new_tokens=seq_len,
             min_new_tokens=seq_len,
             pad_token_id=pad,

@@ -109,6 +109,7 @@ def compensate(
         "placement": config.placement,
         "ridge": config.ridge,
         "fit": config.fit,
+        "row_weight": config.row_weight,
         "refine_steps": config.refine_steps,
         "fit_samples": int(fit_ids.shape[0]),
         "heldout_samples": int(heldout_ids.shape[0]),
@@ -166,6 +167,7 @@ def compensate(
             targets=None if cache is None else cache.targets,
             prefix=None if cache is None else cache.prefix,
             fit_writer=fit_writer,
+            row_weight=config.row_weight,
         )
 
     for step, position in enumerate(usable):

@@ -129,6 +129,23 @@ class Capture:
     rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (z, residual, target)
 
 
+def token_weights(target: torch.Tensor, seq_len: int, kind: str) -> torch.Tensor:
+    """Per token row, the factor its fit row is scaled by.
+
+    The first position of every window is an attention sink whose hidden state is ~100x the norm of
+    the others in mid/late layers, so a plain least-squares fit spends most of the projection on it.
+    inverse_norm: rows scaled by 1 / ||target|| (each token's relative error counts alike);
+    skip_first: the first position of each window left out."""
+    if kind == "inverse_norm":
+        norms = target.norm(dim=-1)
+        return norms.mean() / norms.clamp_min(1e-6)
+    if kind == "skip_first":
+        weight = torch.ones(target.shape[0], device=target.device)
+        weight[::seq_len] = 0.0
+        return weight
+    raise ValueError(f"unknown row weighting {kind!r}")
+
+
 @torch.no_grad()
 def stream_placement(
     model: nn.Module,
@@ -143,6 +160,7 @@ def stream_placement(
     targets: TargetCache | None = None,
     prefix: PrefixReplay | None = None,
     fit_writer: bool = False,
+    row_weight: str = "none",
 ) -> Capture:
     """Accumulate X^T X / X^T Y of a placement over `ids`, one micro-batch at a time.
 
@@ -170,6 +188,9 @@ def stream_placement(
         else:
             z, residual, a = _pruned_rows(model, keep, position, batch)
         x, y = design_rows(z, residual, target, post_norm, inputs=a if fit_writer else None)
+        if row_weight != "none":
+            weight = token_weights(target, batch.shape[1], row_weight)
+            x, y = x * weight[:, None], y * weight[:, None]
         if equations is None:
             equations = NormalEquations(x.shape[1], x.device, y.shape[1])
         equations.add(x, y)

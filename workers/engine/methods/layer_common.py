@@ -18,7 +18,7 @@ from pydantic import Field
 from transformers import PretrainedConfig
 
 from workers.engine.compensation import CompensationConfig, Placement, compensate, measure_shift
-from workers.engine.compensation.config import FitKind
+from workers.engine.compensation.config import FitKind, RowWeight
 from workers.engine.layer_budget import (
     LayerProfile,
     achieved_sparsity,
@@ -53,6 +53,14 @@ class LayerMethodOptions(MethodOptions):
         8, ge=1, le=64, description="At most this many projections (one per removed block), each kept only if it helps."
     )
     compensation_ridge: float = Field(1.0, ge=0.0, le=1e3, description="Ridge strength relative to trace(X^T X)/d.")
+    compensation_row_weight: RowWeight = Field(
+        "none",
+        description=(
+            "How token rows count in the fit: none (plain least squares), inverse_norm (each row scaled by "
+            "1/||target||, so attention-sink tokens with ~100x norms do not dominate), skip_first (the first "
+            "position of each window left out)."
+        ),
+    )
     compensation_fit: FitKind = Field(
         "projection",
         description=(
@@ -91,6 +99,7 @@ class LayerMethodOptions(MethodOptions):
         return CompensationConfig(
             placement=self.compensation_placement,
             fit=self.compensation_fit,
+            row_weight=self.compensation_row_weight,
             max_projections=self.compensation_max_projections,
             ridge=self.compensation_ridge,
             refine_steps=self.compensation_refine_steps,

@@ -53,6 +53,8 @@ def recovery_tokens(
             seed=seed + _SEED_OFFSET,
             progress=lambda _stage, fraction, message=None: progress("calibrating", fraction, message),
             should_cancel=should_cancel,
+            top_k=config.sample_top_k,
+            temperature=config.sample_temperature,
         )
         dense_model.train(was_training)
         parts.append(generated)
