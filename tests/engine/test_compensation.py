@@ -373,8 +373,26 @@ def test_writer_refit_merges_the_solved_weight(tiny_llama):
     with torch.no_grad():
         writer.weight.copy_(before)  # the equations are built on the unmerged writer
     capture = stream_placement(
-        tiny_llama, [0, 2, 3], 0, target_index([0, 2, 3], 0, 4), fit_ids,
-        OriginalWeights([writer]), 4, fit_writer=True,
+        tiny_llama,
+        [0, 2, 3],
+        0,
+        target_index([0, 2, 3], 0, 4),
+        fit_ids,
+        OriginalWeights([writer]),
+        4,
+        fit_writer=True,
     )
     solved = capture.equations.solve(config.ridge, before.T)
     assert capture.equations.mse(solved) == pytest.approx(report["projections"][0]["mse_after"], rel=1e-5)
+
+
+def test_judging_windows_are_capped_so_larger_budgets_fit_more(tiny_llama):
+    """A quarter of the windows judges each projection, at most `max_heldout_samples`; the rest fit it."""
+    ids = _ids(48, length=16)
+    keep = [0, 2, 3]
+    capped = compensate(copy.deepcopy(tiny_llama), keep, ids, CompensationConfig())
+    assert (capped["fit_samples"], capped["heldout_samples"]) == (40, 8)
+    quarter = compensate(copy.deepcopy(tiny_llama), keep, ids, CompensationConfig(max_heldout_samples=100))
+    assert (quarter["fit_samples"], quarter["heldout_samples"]) == (36, 12)
+    small = compensate(copy.deepcopy(tiny_llama), keep, ids[:8], CompensationConfig())
+    assert (small["fit_samples"], small["heldout_samples"]) == (6, 2)

@@ -23,6 +23,9 @@ class CompensationConfig:
     refine_steps: int = 0
     refine_lr: float = 1e-4
     heldout_fraction: float = 0.25
+    # At most this many windows judge the projections: judging runs the rest of the network and the LM
+    # head per projection, so a fixed-size judge keeps larger fitting budgets cheap.
+    max_heldout_samples: int = 8
     max_tokens: int = 16384  # rows kept in memory for the Adam refinement only; the solve streams all
     min_improvement: float = 0.0  # relative held-out loss drop a projection needs to be kept
     refit_on_all: bool = True  # once a projection passed the held-out check, refit it on fit + held-out rows

@@ -94,7 +94,7 @@ def compensate(
     keep = sorted(keep)
     n_layers = len(find_layers(model).layers)
     n = ids.shape[0]
-    n_heldout = min(n - 1, max(1, round(config.heldout_fraction * n))) if n >= 2 else 0
+    n_heldout = min(n - 1, max(1, round(config.heldout_fraction * n)), config.max_heldout_samples) if n >= 2 else 0
     fit_ids, heldout_ids = ids[: n - n_heldout], ids[n - n_heldout :]
     measured: Shifts = (
         shifts

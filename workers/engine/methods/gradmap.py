@@ -75,6 +75,13 @@ class GradMAPOptions(CompensatedOptions):
             "loss of the current model without each (N extra forwards per decision); 0 or 1: the score decides."
         ),
     )
+    in_loop_data: Literal["calibration", "compensation"] = Field(
+        "calibration",
+        description=(
+            "Tokens the in-loop projections are fitted on: the scoring calibration batch, or the compensation "
+            "windows the final compensation uses (more tokens: closer to the final fit, slower)."
+        ),
+    )
     in_loop_refit: Literal["incremental", "full"] = Field(
         "incremental",
         description=(
@@ -139,6 +146,7 @@ def select(inp: SelectorInput) -> Selection:
         allowed = set(inp.candidates)
         return {layer: values[pos] for pos, layer in enumerate(keep) if layer in allowed}
 
+    in_loop_ids = compensation_tokens(ctx, options)[0] if options.in_loop_data == "compensation" else ctx.calibration
     if not options.iterative:
         scores = score(list(range(inp.n_layers)))
         removed, decisions = one_shot_decisions(scores, inp.k)
@@ -182,7 +190,7 @@ def select(inp: SelectorInput) -> Selection:
                     fitted = compensate(
                         ctx.model,
                         kept,
-                        ctx.calibration,
+                        in_loop_ids,
                         in_loop_config,
                         check_cancel=ctx.check_cancel,
                         only_layers=only,

@@ -72,6 +72,15 @@ class LayerMethodOptions(MethodOptions):
     compensation_refine_steps: int = Field(0, ge=0, le=1000, description="Adam refinement steps after the solve.")
     compensation_refine_lr: float = Field(1e-4, gt=0.0, le=1.0)
     compensation_heldout_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="Calibration share for validation.")
+    compensation_max_heldout_samples: int = Field(
+        8,
+        ge=1,
+        le=4096,
+        description=(
+            "At most this many of the compensation windows judge each projection (the rest fit it; a kept one is "
+            "then refitted on all): judging is most of compensation's cost, so larger budgets stay cheap."
+        ),
+    )
     compensation_samples: int = Field(
         COMPENSATION_SAMPLES,
         ge=1,
@@ -105,6 +114,7 @@ class LayerMethodOptions(MethodOptions):
             refine_steps=self.compensation_refine_steps,
             refine_lr=self.compensation_refine_lr,
             heldout_fraction=self.compensation_heldout_fraction,
+            max_heldout_samples=self.compensation_max_heldout_samples,
             max_tokens=self.compensation_max_tokens,
             refit_on_all=self.compensation_refit_all,
             micro_batch_size=self.micro_batch_size,
