@@ -6,18 +6,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 Placement = Literal["after_cut", "before_cut", "around_cut", "max_relative_shift", "max_shift"]
-# projection: a d x d matrix after the writer (W <- P^T W); writer: the writer's whole weight refitted
-# from what it reads (more unknowns, the same streaming pass).
-FitKind = Literal["projection", "writer"]
-# How token rows count in the fit (see streaming.token_weights).
-RowWeight = Literal["none", "inverse_norm", "skip_first"]
 
 
 @dataclass
 class CompensationConfig:
     placement: Placement = "around_cut"
-    fit: FitKind = "projection"
-    row_weight: RowWeight = "none"
     max_projections: int = 8
     ridge: float = 1.0  # lam = ridge * trace(X^T X) / d, so it is scale free
     refine_steps: int = 0

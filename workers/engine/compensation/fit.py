@@ -21,13 +21,7 @@ from workers.engine.compensation.streaming import (
     stream_placement,
     target_cache_fits,
 )
-from workers.engine.compensation.writers import (
-    OriginalWeights,
-    find_writer,
-    merge_projection,
-    set_writer_weight,
-    snapshot_linear,
-)
+from workers.engine.compensation.writers import OriginalWeights, find_writer, merge_projection, snapshot_linear
 from workers.engine.hidden import lm_loss
 from workers.engine.layers import find_layers, layer_subset
 
@@ -108,8 +102,6 @@ def compensate(
         "enabled": True,
         "placement": config.placement,
         "ridge": config.ridge,
-        "fit": config.fit,
-        "row_weight": config.row_weight,
         "refine_steps": config.refine_steps,
         "fit_samples": int(fit_ids.shape[0]),
         "heldout_samples": int(heldout_ids.shape[0]),
@@ -152,7 +144,7 @@ def compensate(
         judge.prefix.advance(position)
         return judge.prefix.loss(judge_ids, config.micro_batch_size)
 
-    def stream(position: int, split: int, fit_writer: bool) -> Capture:
+    def stream(position: int, split: int) -> Capture:
         cache = cached[split]
         return stream_placement(
             model,
@@ -166,29 +158,23 @@ def compensate(
             check_cancel,
             targets=None if cache is None else cache.targets,
             prefix=None if cache is None else cache.prefix,
-            fit_writer=fit_writer,
-            row_weight=config.row_weight,
         )
 
     for step, position in enumerate(usable):
         check_cancel()
         progress(step / len(usable), f"fitting projection at layer {keep[position]}")
         writer, post_norm, writer_name = find_writer(layers[keep[position]])
-        # Refitting the whole writer needs a bias-free Linear (its bias would stay out of the fit).
-        fit_writer = config.fit == "writer" and writer.bias is None
-        prior = writer.weight.detach().float().T.cpu() if fit_writer else None
         # Later placements see the pruned model with earlier (kept) projections already merged.
-        fit = stream(position, 0, fit_writer)
+        fit = stream(position, 0)
         # The held-out rows' equations only serve the refit on all rows (and its report).
-        heldout = stream(position, 1, fit_writer) if with_heldout else None
-        projection = solve_captures([fit], post_norm, config, prior)
-        eye = prior if prior is not None else torch.eye(projection.shape[0])
+        heldout = stream(position, 1) if with_heldout else None
+        projection = solve_captures([fit], post_norm, config)
+        eye = torch.eye(projection.shape[0])
         entry = {
             "layer": keep[position],
             "position": position,
             "target_layer": targets[position],
             "weight": writer_name,
-            "fit": "writer" if fit_writer else "projection",
             "fit_tokens": int(fit.equations.rows),
             # In the fit's space: exact without a post-norm, linearised through it otherwise.
             "mse_before": fit.equations.mse(eye),
@@ -199,17 +185,16 @@ def compensate(
             entry["heldout_mse_before"] = heldout.equations.mse(eye)
             entry["heldout_mse_after"] = heldout.equations.mse(projection)
         restore_writer = snapshot_linear(writer)
-        merge = set_writer_weight if fit_writer else merge_projection
-        merge(writer, projection)
+        merge_projection(writer, projection)
         candidate = pruned_loss(position)
         bar = None if current is None else current * (1.0 - config.min_improvement)
         accepted = candidate is not None and bar is not None and candidate < bar
         entry.update({"loss_before": current, "loss_after": candidate, "kept": bool(accepted)})
         if accepted and heldout is not None and config.refit_on_all:
             # The held-out split has done its job (deciding); the final projection uses every row.
-            projection = solve_captures([fit, heldout], post_norm, config, prior)
+            projection = solve_captures([fit, heldout], post_norm, config)
             restore_writer()
-            merge(writer, projection)
+            merge_projection(writer, projection)
             candidate = pruned_loss(position)
             entry.update(
                 {"refit_on_all_rows": int(fit.equations.rows + heldout.equations.rows), "loss_after_refit": candidate}

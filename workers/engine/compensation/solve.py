@@ -20,9 +20,9 @@ class NormalEquations:
     stays two d x d float64 matrices however many tokens the fit sees.
     """
 
-    def __init__(self, dim: int, device: torch.device | str = "cpu", out_dim: int | None = None) -> None:
+    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
         self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-        self.cross = torch.zeros(dim, dim if out_dim is None else out_dim, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.target_sq = 0.0
         self.rows = 0
 
@@ -34,20 +34,17 @@ class NormalEquations:
         self.rows += x.shape[0]
 
     def __add__(self, other: NormalEquations) -> NormalEquations:
-        out = NormalEquations(self.gram.shape[0], self.gram.device, self.cross.shape[1])
+        out = NormalEquations(self.gram.shape[0], self.gram.device)
         out.gram, out.cross = self.gram + other.gram, self.cross + other.cross
         out.target_sq, out.rows = self.target_sq + other.target_sq, self.rows + other.rows
         return out
 
-    def solve(self, ridge: float, prior: torch.Tensor | None = None) -> torch.Tensor:
-        """argmin_P ||X P - Y||^2 + lam ||P - P0||^2, lam = ridge * trace(X^T X) / d (float64 solve).
-
-        P0 is `prior` (the writer's own weight when the writer is refitted) or the identity."""
+    def solve(self, ridge: float) -> torch.Tensor:
+        """argmin_P ||X P - Y||^2 + lam ||P - I||^2, lam = ridge * trace(X^T X) / d (float64 solve)."""
         d = self.gram.shape[0]
         lam = ridge * float(self.gram.diagonal().mean()) if ridge > 0 else 0.0
         eye = torch.eye(d, dtype=torch.float64, device=self.gram.device)
-        anchor = eye if prior is None else prior.to(self.cross)
-        return torch.linalg.solve(self.gram + lam * eye, self.cross + lam * anchor).float()
+        return torch.linalg.solve(self.gram + lam * eye, self.cross + lam * eye).float()
 
     def mse(self, projection: torch.Tensor) -> float:
         """mean over rows and channels of (X P - Y)^2, from the sums alone."""
@@ -55,7 +52,7 @@ class NormalEquations:
             return float("nan")
         p = projection.to(self.gram).double()
         sq = float((p * (self.gram @ p)).sum()) - 2.0 * float((p * self.cross).sum()) + self.target_sq
-        return max(sq, 0.0) / (self.rows * self.cross.shape[1])
+        return max(sq, 0.0) / (self.rows * self.gram.shape[0])
 
 
 def ridge_projection(x: torch.Tensor, t: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -73,26 +70,18 @@ def apply_writer(z: torch.Tensor, projection: torch.Tensor, post_norm: nn.Module
 
 
 def design_rows(
-    z: torch.Tensor,
-    residual: torch.Tensor,
-    target: torch.Tensor,
-    post_norm: nn.Module | None,
-    inputs: torch.Tensor | None = None,
+    z: torch.Tensor, residual: torch.Tensor, target: torch.Tensor, post_norm: nn.Module | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(X, Y) of the linear fit Y ~= X P that makes residual + post_norm(z P) ~= target.
-
-    With `inputs` (what the writer read, z = inputs W^T), X is built from them instead: the fit is
-    then the writer's whole weight (Y ~= inputs B, B = W'^T), not a projection after it."""
+    """(X, Y) of the linear fit Y ~= X P that makes residual + post_norm(z P) ~= target."""
     want = target - residual
-    features = z if inputs is None else inputs
     if post_norm is None:
-        return features, want
+        return z, want
     # Linearise the norm around P = I: post_norm(zP) ~= g * (z/rms(z)) P, exact at P = I.
     gain = norm_gain(post_norm, z.shape[1], z.device)
     gain = torch.where(gain.abs() < 1e-3, torch.full_like(gain, 1e-3), gain)
     eps = getattr(post_norm, "eps", getattr(post_norm, "variance_epsilon", 1e-6))
     rms = z.pow(2).mean(dim=-1, keepdim=True).add(eps).sqrt()
-    return features / rms, want / gain
+    return z / rms, want / gain
 
 
 def fit_projection(

@@ -24,30 +24,27 @@ def _original_rows(model: nn.Module, layer: int, batch: torch.Tensor) -> torch.T
     return token_rows(io.outputs[layer])
 
 
-Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (z, residual, writer input) token rows
-
-
-def _writer_split(writer: nn.Linear, post_norm: nn.Module | None, run: Callable[[], torch.Tensor]) -> Rows:
-    """(z, residual, a) token rows of the block output `run()` computes: output = residual + f(z),
-    z being what `writer` returned during the run and a what it read."""
-    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        captured.append((args[0].detach().float(), out.detach().float()))
-
-    handle = writer.register_forward_hook(hook)
+def _writer_split(
+    writer: nn.Linear, post_norm: nn.Module | None, run: Callable[[], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, residual) token rows of the block output `run()` computes: output = residual + f(z),
+    z being what `writer` returned during the run."""
+    captured: list[torch.Tensor] = []
+    handle = writer.register_forward_hook(lambda m, a, out: captured.append(out.detach().float()))
     try:
         output = run()
     finally:
         handle.remove()
-    a, z = (token_rows(t) for t in captured[-1])
+    z = token_rows(captured[-1])
     contribution = apply_writer(z, torch.eye(z.shape[1], device=z.device), post_norm)
-    return z, token_rows(output) - contribution, a
+    return z, token_rows(output) - contribution
 
 
 @torch.no_grad()
-def _pruned_rows(model: nn.Module, keep: Sequence[int], position: int, batch: torch.Tensor) -> Rows:
-    """(z, residual, writer input) token rows of the pruned model at a placement, from a forward of `batch`."""
+def _pruned_rows(
+    model: nn.Module, keep: Sequence[int], position: int, batch: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, residual) token rows of the pruned model at a placement, from a forward of `batch`."""
     writer, post_norm, _ = find_writer(find_layers(model).layers[keep[position]])
 
     def placement_output() -> torch.Tensor:
@@ -61,7 +58,7 @@ def _pruned_rows(model: nn.Module, keep: Sequence[int], position: int, batch: to
 @torch.no_grad()
 def _replayed_rows(
     prefix: PrefixReplay, index: int, position: int, writer: nn.Linear, post_norm: nn.Module | None
-) -> Rows:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`_pruned_rows` for micro-batch `index`, from the replayed state entering the placement."""
     return _writer_split(writer, post_norm, lambda: prefix.run_block(index, position))
 
@@ -83,7 +80,7 @@ def capture_pruned(
         if rows >= max_tokens:
             break
         check_cancel()
-        z, residual, _ = _pruned_rows(model, keep, position, batch)
+        z, residual = _pruned_rows(model, keep, position, batch)
         zs.append(z)
         residuals.append(residual)
         rows += z.shape[0]
@@ -129,23 +126,6 @@ class Capture:
     rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (z, residual, target)
 
 
-def token_weights(target: torch.Tensor, seq_len: int, kind: str) -> torch.Tensor:
-    """Per token row, the factor its fit row is scaled by.
-
-    The first position of every window is an attention sink whose hidden state is ~100x the norm of
-    the others in mid/late layers, so a plain least-squares fit spends most of the projection on it.
-    inverse_norm: rows scaled by 1 / ||target|| (each token's relative error counts alike);
-    skip_first: the first position of each window left out."""
-    if kind == "inverse_norm":
-        norms = target.norm(dim=-1)
-        return norms.mean() / norms.clamp_min(1e-6)
-    if kind == "skip_first":
-        weight = torch.ones(target.shape[0], device=target.device)
-        weight[::seq_len] = 0.0
-        return weight
-    raise ValueError(f"unknown row weighting {kind!r}")
-
-
 @torch.no_grad()
 def stream_placement(
     model: nn.Module,
@@ -159,16 +139,13 @@ def stream_placement(
     check_cancel: Callable[[], None] = lambda: None,
     targets: TargetCache | None = None,
     prefix: PrefixReplay | None = None,
-    fit_writer: bool = False,
-    row_weight: str = "none",
 ) -> Capture:
     """Accumulate X^T X / X^T Y of a placement over `ids`, one micro-batch at a time.
 
     Per micro-batch the original model (writers unmerged) gives the target -- or `targets`, the
     same rows captured beforehand by `original_targets` -- and the pruned model (with every
     projection merged so far) gives z and the residual -- or `prefix`, the pruned model's state
-    replayed from the previous placement; only `keep_rows` rows are kept. With `fit_writer` the
-    equations are those of the writer's whole weight (its inputs as X) instead of a projection.
+    replayed from the previous placement; only `keep_rows` rows are kept.
     """
     writer, post_norm, _ = find_writer(find_layers(model).layers[keep[position]])
     if prefix is not None:
@@ -184,15 +161,12 @@ def stream_placement(
             with originals.active():
                 target = _original_rows(model, target_layer, batch)
         if prefix is not None:
-            z, residual, a = _replayed_rows(prefix, index, position, writer, post_norm)
+            z, residual = _replayed_rows(prefix, index, position, writer, post_norm)
         else:
-            z, residual, a = _pruned_rows(model, keep, position, batch)
-        x, y = design_rows(z, residual, target, post_norm, inputs=a if fit_writer else None)
-        if row_weight != "none":
-            weight = token_weights(target, batch.shape[1], row_weight)
-            x, y = x * weight[:, None], y * weight[:, None]
+            z, residual = _pruned_rows(model, keep, position, batch)
+        x, y = design_rows(z, residual, target, post_norm)
         if equations is None:
-            equations = NormalEquations(x.shape[1], x.device, y.shape[1])
+            equations = NormalEquations(x.shape[1], x.device)
         equations.add(x, y)
         if n_kept < keep_rows:
             kept.append((z, residual, target))
@@ -205,19 +179,15 @@ def stream_placement(
 
 
 def solve_captures(
-    captures: Sequence[Capture],
-    post_norm: nn.Module | None,
-    config: CompensationConfig,
-    prior: torch.Tensor | None = None,
+    captures: Sequence[Capture], post_norm: nn.Module | None, config: CompensationConfig
 ) -> torch.Tensor:
-    """Closed-form P (or, with the writer's weight as `prior`, the refitted weight's transpose) from the
-    summed equations, then optional Adam steps on the kept rows (projections only)."""
+    """Closed-form P from the summed equations, then optional Adam steps on the kept rows."""
     total = captures[0].equations
     for capture in captures[1:]:
         total = total + capture.equations
-    projection = total.solve(config.ridge, prior)
+    projection = total.solve(config.ridge)
     rows = [c.rows for c in captures if c.rows is not None]
-    if config.refine_steps > 0 and rows and prior is None:
+    if config.refine_steps > 0 and rows:
         z, residual, target = (torch.cat([r[i] for r in rows]) for i in range(3))
         projection = refine_projection(
             z, residual, target, post_norm, projection, config.ridge, config.refine_steps, config.refine_lr

@@ -53,12 +53,6 @@ def merge_projection(writer: nn.Linear, projection: torch.Tensor) -> None:
         writer.bias.copy_((writer.bias.float() @ p).to(writer.bias.dtype))
 
 
-@torch.no_grad()
-def set_writer_weight(writer: nn.Linear, transposed: torch.Tensor) -> None:
-    """Replace a bias-free writer's weight by a refitted one, given as W'^T ([in, out], fp32)."""
-    writer.weight.copy_(transposed.T.to(device=writer.weight.device, dtype=writer.weight.dtype))
-
-
 class OriginalWeights:
     """Unmerged copies of residual writers, swapped in by reference while the original model runs.
 

@@ -30,7 +30,6 @@ ResidualScore = Literal[
     "residual_relative",
     "residual_fisher",
     "kl_fisher",
-    "kl_fisher_bi",
     "grad_influence",
     "fwd_bwd_influence",
 ]
@@ -147,10 +146,6 @@ def residual_scores(
     """Per block of the current model: a first-order estimate of the loss change of its removal."""
     n_layers = len(find_layers(model).layers)
     totals = [0.0] * n_layers
-    influence = [0.0] * n_layers  # kl_fisher_bi: ShortGPT's block influence from the same forward
-    mixed = kind == "kl_fisher_bi"
-    if mixed:
-        kind = "kl_fisher"
     n_tokens = ids.shape[0] * (ids.shape[1] - 1)
     generator = torch.Generator(device=model_device(model)).manual_seed(0)
     with gradients_only_on(model, []), embeddings_require_grad(model):
@@ -173,17 +168,9 @@ def residual_scores(
                 totals[i] += _reduce_residual(
                     kind, g.reshape(-1, d), delta.reshape(-1, d), h_in.reshape(-1, d), g_in, n_tokens
                 )
-                if mixed:
-                    influence[i] += float(
-                        _cosine_distance(h_in.reshape(-1, d), h_out.detach().float().reshape(-1, d)).sum()
-                    )
             del io, loss
     if kind == "residual_sum_abs":
         totals = [abs(t) for t in totals]
-    if mixed:  # each score relative to its mean over the blocks, then averaged: a scale-free vote
-        kl_mean = sum(totals) / n_layers or 1.0
-        bi_mean = sum(influence) / n_layers or 1.0
-        totals = [0.5 * (t / kl_mean + b / bi_mean) for t, b in zip(totals, influence, strict=True)]
     positions = ids.numel()
     return [t / positions for t in totals]  # per-token means: readable, same ranking
 

@@ -22,7 +22,6 @@ from torch import nn
 from workers.engine.compensation import OriginalWeights, compensate, find_writer
 from workers.engine.hidden import lm_loss
 from workers.engine.layers import find_layers, layer_subset
-from workers.engine.methods.compensable_scores import compensable_kl_scores
 from workers.engine.methods.gradient_scores import ResidualScore, WeightScore, gradient_scores
 from workers.engine.methods.layer_common import (
     CompensatedOptions,
@@ -35,8 +34,7 @@ from workers.engine.methods.layer_common import (
     register_layer_method,
 )
 
-CompensableScore = Literal["kl_fisher_comp"]
-GradMAPScore = ResidualScore | WeightScore | CompensableScore
+GradMAPScore = ResidualScore | WeightScore  # every score gradient_scores() knows
 
 
 class GradMAPOptions(CompensatedOptions):
@@ -128,21 +126,9 @@ def select(inp: SelectorInput) -> Selection:
 
     def score(keep: list[int]) -> dict[int, float]:
         with layer_subset(ctx.model, keep):
-            if options.score == "kl_fisher_comp":
-                fit_ids, _ = compensation_tokens(ctx, options)
-                values = compensable_kl_scores(
-                    ctx.model,
-                    ctx.calibration,
-                    fit_ids,
-                    options.compensation_ridge,
-                    options.micro_batch_size,
-                    ctx.check_cancel,
-                    count,
-                )
-            else:
-                values = gradient_scores(
-                    ctx.model, ctx.calibration, options.score, options.micro_batch_size, ctx.check_cancel, count
-                )
+            values = gradient_scores(
+                ctx.model, ctx.calibration, options.score, options.micro_batch_size, ctx.check_cancel, count
+            )
         allowed = set(inp.candidates)
         return {layer: values[pos] for pos, layer in enumerate(keep) if layer in allowed}
 

@@ -18,7 +18,6 @@ from pydantic import Field
 from transformers import PretrainedConfig
 
 from workers.engine.compensation import CompensationConfig, Placement, compensate, measure_shift
-from workers.engine.compensation.config import FitKind, RowWeight
 from workers.engine.layer_budget import (
     LayerProfile,
     achieved_sparsity,
@@ -53,22 +52,6 @@ class LayerMethodOptions(MethodOptions):
         8, ge=1, le=64, description="At most this many projections (one per removed block), each kept only if it helps."
     )
     compensation_ridge: float = Field(1.0, ge=0.0, le=1e3, description="Ridge strength relative to trace(X^T X)/d.")
-    compensation_row_weight: RowWeight = Field(
-        "none",
-        description=(
-            "How token rows count in the fit: none (plain least squares), inverse_norm (each row scaled by "
-            "1/||target||, so attention-sink tokens with ~100x norms do not dominate), skip_first (the first "
-            "position of each window left out)."
-        ),
-    )
-    compensation_fit: FitKind = Field(
-        "projection",
-        description=(
-            "projection: a d x d matrix merged after the kept layer's residual writer (down_proj); writer: that "
-            "writer's whole weight refitted from what it reads (intermediate x d unknowns, ridge towards the "
-            "original weight). Both are solved in closed form from the same streamed pass."
-        ),
-    )
     compensation_refine_steps: int = Field(0, ge=0, le=1000, description="Adam refinement steps after the solve.")
     compensation_refine_lr: float = Field(1e-4, gt=0.0, le=1.0)
     compensation_heldout_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="Calibration share for validation.")
@@ -107,8 +90,6 @@ class LayerMethodOptions(MethodOptions):
     def compensation_config(self) -> CompensationConfig:
         return CompensationConfig(
             placement=self.compensation_placement,
-            fit=self.compensation_fit,
-            row_weight=self.compensation_row_weight,
             max_projections=self.compensation_max_projections,
             ridge=self.compensation_ridge,
             refine_steps=self.compensation_refine_steps,
