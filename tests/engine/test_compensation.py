@@ -244,7 +244,7 @@ def test_incremental_refit_equals_full_refit_upstream_of_the_new_cut():
     for every layer up to the cut's far side (downstream ones keep their earlier fit by design)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from workers.engine.methods.gradmap import cut_neighbours
+    from workers.engine.methods.in_loop import cut_neighbours
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -331,7 +331,11 @@ def test_cached_targets_and_replayed_prefix_give_the_streamed_fit(kind, n, refit
         assert a["mse_before"] == b["mse_before"] and a["mse_after"] == b["mse_after"]
         assert a["loss_after"] == b["loss_after"] and a.get("loss_after_refit") == b.get("loss_after_refit")
     assert all(torch.equal(a, b) for a, b in zip(w_cached, w_streamed, strict=True))
-    assert len(full_losses) == 1  # only the loss before any projection runs the whole pruned model
+    # Even the loss before any projection comes from the replayed state, and equals the full forward's.
+    assert not full_losses
+    judged = "heldout" if n > 1 else "fit"
+    assert cached[f"{judged}_loss_before"] == streamed[f"{judged}_loss_before"]
+    assert [p["loss_before"] for p in cached["projections"]] == [p["loss_before"] for p in streamed["projections"]]
 
 
 def test_target_cache_budget():

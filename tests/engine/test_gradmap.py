@@ -254,3 +254,51 @@ def test_gradmap_on_smollm2(smollm2, wikitext_text):
     pruned_loss = lm_loss(outcome.model, heldout)
     assert math.isfinite(pruned_loss) and dense_loss - 0.5 < pruned_loss < dense_loss + 3.0
     assert report["pruning_seconds"] > 0 and report["peak_memory"]["peak_rss_mib"] > 0
+
+
+def _six_layers():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def test_in_loop_targets_captured_once_give_the_streamed_selection(monkeypatch):
+    """In-loop compensation captures the original model's targets once for all decisions; the
+    selection (choices and every score) equals the one that re-runs the original per fit."""
+    import workers.engine.compensation.fit as compensation_fit
+    import workers.engine.compensation.streaming as streaming
+
+    model = _six_layers()
+    windows = _ids(12)
+    options = {"compensation": False, "compensate_in_loop": True, "in_loop_data": "compensation"}
+    runs = []
+    original_rows = streaming._original_rows
+    for cache in (True, False):
+        calls = []
+        with monkeypatch.context() as patch:
+            patch.setattr(streaming, "_original_rows", lambda *a, calls=calls: calls.append(1) or original_rows(*a))
+            if not cache:  # as if over the cache budget: every fit re-runs the original prefix
+                patch.setattr(compensation_fit, "target_cache_fits", lambda *a: False)
+            outcome = prune(
+                copy.deepcopy(model),
+                _ids(4),
+                method="gradmap",
+                target_sparsity=0.5,
+                options=options,
+                compensation_data=windows,
+            )
+        runs.append((outcome.report["decisions"], len(calls)))
+    (cached, cached_calls), (streamed, streamed_calls) = runs
+    assert cached_calls == 0 and streamed_calls > 0
+    assert [d["chosen"] for d in cached] == [d["chosen"] for d in streamed]
+    assert [d["scores"] for d in cached] == [d["scores"] for d in streamed]
+    assert [d.get("in_loop_compensation") for d in cached] == [d.get("in_loop_compensation") for d in streamed]

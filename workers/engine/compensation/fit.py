@@ -34,6 +34,38 @@ class SplitCache:
     prefix: PrefixReplay
 
 
+SplitTargets = tuple[TargetCache | None, TargetCache | None]  # original targets of the (fit, held-out) split
+
+
+def split_windows(ids: torch.Tensor, config: CompensationConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, held-out) windows: a quarter judges the projections, at most `max_heldout_samples`."""
+    n = ids.shape[0]
+    n_heldout = min(n - 1, max(1, round(config.heldout_fraction * n)), config.max_heldout_samples) if n >= 2 else 0
+    return ids[: n - n_heldout], ids[n - n_heldout :]
+
+
+def split_targets(
+    model: nn.Module,
+    layers: Collection[int],
+    ids: torch.Tensor,
+    config: CompensationConfig,
+    originals: OriginalWeights,
+    check_cancel: Callable[[], None] = lambda: None,
+    heldout: bool = True,
+) -> SplitTargets | None:
+    """The original model's outputs at `layers` for both splits of `ids` (the held-out one only with
+    `heldout`: it is streamed only to refit on all rows), computed once for many `compensate` calls
+    on the same windows (in-loop compensation), or None over the cache budget."""
+    dim = find_writer(find_layers(model).layers[0])[0].out_features
+    if not target_cache_fits(ids.numel(), dim, len(layers) + 1, config.target_cache_mib):  # + 1: replay
+        return None
+    mb = config.micro_batch_size
+    fit_ids, heldout_ids = split_windows(ids, config)
+    fit = original_targets(model, layers, fit_ids, originals, mb, check_cancel)
+    held = original_targets(model, layers, heldout_ids, originals, mb, check_cancel) if heldout else None
+    return fit, held if heldout_ids.shape[0] else None
+
+
 def cache_splits(
     model: nn.Module,
     keep: Sequence[int],
@@ -44,9 +76,10 @@ def cache_splits(
     originals: OriginalWeights,
     config: CompensationConfig,
     check_cancel: Callable[[], None],
+    known: SplitTargets | None = None,
 ) -> tuple[SplitCache | None, SplitCache | None]:
-    """Per split (fit, held-out): targets of every placement (where streamed) and the prefix replay,
-    or None for an empty split or over budget."""
+    """Per split (fit, held-out): targets of every placement (where streamed; taken from `known`
+    when given) and the prefix replay, or None for an empty split or over budget."""
     layers = find_layers(model).layers
     dim = find_writer(layers[keep[usable[0]]])[0].out_features
     wanted = sorted({targets[p] for p in usable})
@@ -55,15 +88,17 @@ def cache_splits(
         return None, None
     mb = config.micro_batch_size
 
-    def build(ids: torch.Tensor, streamed: bool) -> SplitCache | None:
+    def build(split: int, streamed: bool) -> SplitCache | None:
+        ids = splits[split]
         if ids.shape[0] == 0:
             return None
-        return SplitCache(
-            original_targets(model, wanted, ids, originals, mb, check_cancel) if streamed else None,
-            PrefixReplay(model, keep, ids, mb, usable[0], usable[-1], check_cancel),
-        )
+        targets_of_split = None
+        if streamed:
+            given = None if known is None else known[split]
+            targets_of_split = given or original_targets(model, wanted, ids, originals, mb, check_cancel)
+        return SplitCache(targets_of_split, PrefixReplay(model, keep, ids, mb, usable[0], usable[-1], check_cancel))
 
-    return build(splits[0], True), build(splits[1], stream_heldout)
+    return build(0, True), build(1, stream_heldout)
 
 
 def compensate(
@@ -76,20 +111,21 @@ def compensate(
     check_cancel: Callable[[], None] = lambda: None,
     only_layers: Collection[int] | None = None,
     originals: OriginalWeights | None = None,
+    known_targets: SplitTargets | None = None,
 ) -> dict[str, Any]:
     """Fit and merge projection(s) into the kept layers of `model` (which still has all layers).
 
     Returns the JSON-serialisable compensation report; on rejection the weights are restored.
     Incremental use (in-loop compensation): `only_layers` limits the fit to those kept layers
     (original indices), leaving projections merged earlier elsewhere in place, and `originals`
-    must then hold the unmerged writers of every block (the original model's targets).
+    must then hold the unmerged writers of every block (the original model's targets);
+    `known_targets` (from `split_targets` on the same `ids`) spares re-running the original model.
     """
     started = time.perf_counter()
     keep = sorted(keep)
     n_layers = len(find_layers(model).layers)
-    n = ids.shape[0]
-    n_heldout = min(n - 1, max(1, round(config.heldout_fraction * n)), config.max_heldout_samples) if n >= 2 else 0
-    fit_ids, heldout_ids = ids[: n - n_heldout], ids[n - n_heldout :]
+    fit_ids, heldout_ids = split_windows(ids, config)
+    n_heldout = heldout_ids.shape[0]
     measured: Shifts = (
         shifts
         if shifts is not None
@@ -125,17 +161,27 @@ def compensate(
     # Each projection is judged on its own: kept only if it lowers the held-out next-token loss
     # (the fit split when nothing could be held out), otherwise rolled back before the next one.
     judge_ids = heldout_ids if n_heldout else fit_ids
-    loss_before = full_loss(judge_ids)
-    current = loss_before
     targets = {position: target_index(keep, position, n_layers) for position in usable}
     if originals is None:
         originals = OriginalWeights([find_writer(layers[keep[p]])[0] for p in usable])
     keep_rows = config.max_tokens if config.refine_steps > 0 else 0
     with_heldout = bool(n_heldout) and config.refit_on_all
     cached = cache_splits(
-        model, keep, usable, targets, (fit_ids, heldout_ids), with_heldout, originals, config, check_cancel
+        model,
+        keep,
+        usable,
+        targets,
+        (fit_ids, heldout_ids),
+        with_heldout,
+        originals,
+        config,
+        check_cancel,
+        known_targets,
     )
     judge = cached[1] if n_heldout else cached[0]
+    # The loss before any projection: from the replay's stored state when cached (no prefix re-run).
+    loss_before = full_loss(judge_ids) if judge is None else judge.prefix.loss(judge_ids, config.micro_batch_size)
+    current = loss_before
 
     def pruned_loss(position: int) -> float | None:
         """Loss on the judging split with the current weights; from the replay at `position` when cached."""

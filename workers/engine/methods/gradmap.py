@@ -11,18 +11,16 @@ docs/benchmarks/layer-pruning.md).
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
-from dataclasses import replace
 from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from workers.engine.compensation import OriginalWeights, compensate, find_writer
 from workers.engine.hidden import lm_loss
-from workers.engine.layers import find_layers, layer_subset
+from workers.engine.layers import layer_subset
 from workers.engine.methods.gradient_scores import ResidualScore, WeightScore, gradient_scores
+from workers.engine.methods.in_loop import InLoopCompensation
 from workers.engine.methods.layer_common import (
     CompensatedOptions,
     Selection,
@@ -89,21 +87,6 @@ class GradMAPOptions(CompensatedOptions):
     )
 
 
-def cut_neighbours(n_layers: int, removed: Collection[int], cut: int) -> list[int]:
-    """Kept layers right before and right after the removed block that contains `cut`.
-
-    Only their projections change targets when `cut` is removed: every other kept layer still
-    reproduces the same original layer as before.
-    """
-    gone = set(removed)
-    start = end = cut
-    while start - 1 in gone:
-        start -= 1
-    while end + 1 in gone:
-        end += 1
-    return [i for i in (start - 1, end + 1) if 0 <= i < n_layers]
-
-
 def lookahead_choice(
     model: nn.Module, keep: list[int], scores: dict[int, float], ids: torch.Tensor, n: int, micro_batch_size: int
 ) -> tuple[int, dict[int, float]]:
@@ -132,7 +115,6 @@ def select(inp: SelectorInput) -> Selection:
         allowed = set(inp.candidates)
         return {layer: values[pos] for pos, layer in enumerate(keep) if layer in allowed}
 
-    in_loop_ids = compensation_tokens(ctx, options)[0] if options.in_loop_data == "compensation" else ctx.calibration
     if not options.iterative:
         scores = score(list(range(inp.n_layers)))
         removed, decisions = one_shot_decisions(scores, inp.k)
@@ -140,9 +122,11 @@ def select(inp: SelectorInput) -> Selection:
     else:
         removed = list(inp.prefix)
         decisions = []
-        in_loop_layers: list[int] = []  # kept layers currently carrying an in-loop projection
-        originals = OriginalWeights.of_model(ctx.model)
-        layers = find_layers(ctx.model).layers
+        in_loop = None
+        if options.compensate_in_loop:
+            ids = compensation_tokens(ctx, options)[0] if options.in_loop_data == "compensation" else ctx.calibration
+            incremental = options.in_loop_refit == "incremental"
+            in_loop = InLoopCompensation(ctx.model, ids, options.compensation_config(), incremental, ctx.check_cancel)
         try:
             for step in range(len(inp.prefix), inp.k):
                 started = time.perf_counter()
@@ -160,37 +144,13 @@ def select(inp: SelectorInput) -> Selection:
                     counter["lookahead_forwards"] += len(losses)
                     extra["lookahead_losses"] = {str(layer): loss for layer, loss in sorted(losses.items())}
                 removed.append(chosen)
-                if options.compensate_in_loop and step + 1 < inp.k:
-                    fit_started = time.perf_counter()
-                    kept = [i for i in range(inp.n_layers) if i not in set(removed)]
-                    only = None
-                    if options.in_loop_refit == "incremental":
-                        only = cut_neighbours(inp.n_layers, removed, chosen)
-                        refit = [found[0] for i in only if (found := find_writer(layers[i]))]
-                        originals.restore(refit)  # refit from the original weights, never on top
-                    else:
-                        originals.restore()
-                    # Scaffolding for the next scoring only: no refit on all rows (it needs a second
-                    # capture and loss per projection); the final compensation refits from scratch.
-                    in_loop_config = replace(options.compensation_config(), refit_on_all=False)
-                    fitted = compensate(
-                        ctx.model,
-                        kept,
-                        in_loop_ids,
-                        in_loop_config,
-                        check_cancel=ctx.check_cancel,
-                        only_layers=only,
-                        originals=originals,
-                    )
-                    refitted = set(kept if only is None else only) | {chosen}
-                    in_loop_layers = sorted(set(in_loop_layers) - refitted | set(fitted.get("layers", [])))
-                    extra["in_loop_compensation"] = in_loop_layers
-                    # Not counted in the passes: a handful of forwards (captures, held-out losses).
-                    extra["in_loop_compensation_seconds"] = round(time.perf_counter() - fit_started, 4)
+                if in_loop is not None and step + 1 < inp.k:
+                    extra.update(in_loop.after_cut(removed, chosen))
                 seconds = round(time.perf_counter() - started, 4)
                 decisions.append(decision(step, scores, chosen, seconds=seconds, **extra))
         finally:
-            originals.restore()
+            if in_loop is not None:
+                in_loop.restore()
         passes = inp.k - len(inp.prefix)
     return Selection(
         removed=sorted(removed),
