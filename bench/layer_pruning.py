@@ -223,7 +223,7 @@ def run(args) -> None:
             return
         for name, comp in args.comp_variants.items():
             for selector in args.variant_methods or args.methods:
-                if selector in COMPENSATED:
+                if selector.split("[")[0] in COMPENSATED:  # selector variants (gradmap[...]) too
                     evaluate_removal(selector, ratio, comp, tag=f"[{name}]")
 
     main_rows(ratios[0])

@@ -279,7 +279,7 @@ def test_in_loop_targets_captured_once_give_the_streamed_selection(monkeypatch):
 
     model = _six_layers()
     windows = _ids(12)
-    options = {"compensation": False, "compensate_in_loop": True, "in_loop_data": "compensation"}
+    options = {"compensation": False, "compensate_in_loop": True, "in_loop_samples": 8}
     runs = []
     original_rows = streaming._original_rows
     for cache in (True, False):
@@ -296,6 +296,7 @@ def test_in_loop_targets_captured_once_give_the_streamed_selection(monkeypatch):
                 options=options,
                 compensation_data=windows,
             )
+        assert outcome.report["in_loop_tokens"] == windows[:8].numel()  # the first in_loop_samples windows
         runs.append((outcome.report["decisions"], len(calls)))
     (cached, cached_calls), (streamed, streamed_calls) = runs
     assert cached_calls == 0 and streamed_calls > 0

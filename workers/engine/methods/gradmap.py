@@ -31,6 +31,7 @@ from workers.engine.methods.layer_common import (
     pick_lowest,
     register_layer_method,
 )
+from workers.engine.types import PruneContext
 
 GradMAPScore = ResidualScore | WeightScore  # every score gradient_scores() knows
 
@@ -71,11 +72,14 @@ class GradMAPOptions(CompensatedOptions):
             "loss of the current model without each (N extra forwards per decision); 0 or 1: the score decides."
         ),
     )
-    in_loop_data: Literal["calibration", "compensation"] = Field(
-        "calibration",
+    in_loop_samples: int = Field(
+        32,
+        ge=0,
+        le=4096,
         description=(
-            "Tokens the in-loop projections are fitted on: the scoring calibration batch, or the compensation "
-            "windows the final compensation uses (more tokens: closer to the final fit, slower)."
+            "Windows the in-loop projections are fitted on: the first N of the job's compensation windows (0, or "
+            "no compensation data: the scoring calibration batch). Fewer than the final compensation's: they only "
+            "steer the next decisions."
         ),
     )
     in_loop_refit: Literal["incremental", "full"] = Field(
@@ -85,6 +89,13 @@ class GradMAPOptions(CompensatedOptions):
             "others; full: refit every projection from the original weights after every decision."
         ),
     )
+
+
+def in_loop_windows(ctx: PruneContext, options: GradMAPOptions) -> torch.Tensor:
+    """What in-loop compensation fits on: the first `in_loop_samples` compensation windows, else the calibration."""
+    if options.in_loop_samples == 0 or ctx.compensation_data is None:
+        return ctx.calibration
+    return compensation_tokens(ctx, options)[0][: options.in_loop_samples]
 
 
 def lookahead_choice(
@@ -115,6 +126,7 @@ def select(inp: SelectorInput) -> Selection:
         allowed = set(inp.candidates)
         return {layer: values[pos] for pos, layer in enumerate(keep) if layer in allowed}
 
+    in_loop_tokens = 0
     if not options.iterative:
         scores = score(list(range(inp.n_layers)))
         removed, decisions = one_shot_decisions(scores, inp.k)
@@ -124,9 +136,10 @@ def select(inp: SelectorInput) -> Selection:
         decisions = []
         in_loop = None
         if options.compensate_in_loop:
-            ids = compensation_tokens(ctx, options)[0] if options.in_loop_data == "compensation" else ctx.calibration
+            ids = in_loop_windows(ctx, options)
             incremental = options.in_loop_refit == "incremental"
             in_loop = InLoopCompensation(ctx.model, ids, options.compensation_config(), incremental, ctx.check_cancel)
+            in_loop_tokens = int(ids.numel())
         try:
             for step in range(len(inp.prefix), inp.k):
                 started = time.perf_counter()
@@ -162,6 +175,7 @@ def select(inp: SelectorInput) -> Selection:
             "backward_calls": counter["backward_calls"],
             "removal_order": removed,
             "lookahead_forwards": counter["lookahead_forwards"],
+            "in_loop_tokens": in_loop_tokens,
         },
     )
 
