@@ -18,6 +18,7 @@ from app.models import Dataset, Job, JobEvent, utcnow
 from app.netguard import WebhookTargetRefused, check_url_literal, parse_networks
 from app.schemas import DatasetCalibration, JobCreate
 from app.settings import Settings
+from workers.engine.methods.layer_common import with_compensation_budget
 from workers.engine.modelzoo import check_model_id
 from workers.engine.registry import get_method, parse_options
 
@@ -52,6 +53,7 @@ def validate_job(body: JobCreate, session: Session, tenant_id: str, settings: Se
         options = parse_options(method, body.options)
     except ValidationError as exc:
         raise ApiError(422, "invalid_options", _readable(exc, "options")) from None
+    options = with_compensation_budget(options, body.options, body.calibration.source)
     evaluation = None
     if body.evaluation is not None:
         from workers.engine.evaluation import EvaluationConfig

@@ -239,6 +239,20 @@ def test_compensation_data_is_its_own_budget(tiny_llama):
     assert fallback.report["compensation"]["compensation_tokens"] == calibration.numel()
 
 
+def test_compensation_budget_for_the_source():
+    from workers.engine.methods.layer_common import with_compensation_budget
+    from workers.engine.registry import get_method, parse_options
+
+    method = get_method("shortgpt")
+    default = parse_options(method, {"compensation": True})
+    assert with_compensation_budget(default, {}, "dataset").compensation_samples == 128
+    assert with_compensation_budget(default, {}, "self_generated").compensation_samples == 32
+    chosen = {"compensation": True, "compensation_samples": 8}
+    assert with_compensation_budget(parse_options(method, chosen), chosen, "dataset").compensation_samples == 8
+    width = parse_options(get_method("llm_pruner"), {})  # no compensation: left as it is
+    assert with_compensation_budget(width, {}, "dataset") == width
+
+
 def test_incremental_refit_equals_full_refit_upstream_of_the_new_cut():
     """After a second cut, refitting only its neighbours gives the projections a full refit gives
     for every layer up to the cut's far side (downstream ones keep their earlier fit by design)."""

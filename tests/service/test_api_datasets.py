@@ -74,3 +74,24 @@ def test_datasets_are_per_tenant(api: Api, model_root: Path) -> None:
     body = tiny_job(model_root, calibration={"source": "dataset", "dataset_id": dataset["id"]})
     assert_problem(api.post("/v1/jobs", json=body, key=KEY_B), 404, "dataset_not_found")
     assert api.post("/v1/jobs", json=body).status_code == 202
+
+
+def test_compensation_budget_follows_the_calibration_source(api: Api, model_root: Path) -> None:
+    """Dataset windows are free, so compensation gets the larger default; self-generated ones keep the
+    smaller one; a budget the user sets is kept either way."""
+    dataset = upload(api, "calib.txt", ("Pruning keeps what matters. " * 200).encode()).json()
+    by_dataset = {"source": "dataset", "dataset_id": dataset["id"], "n_samples": 2, "seq_len": 16}
+
+    def budget(**overrides: object) -> int:
+        job = tiny_job(model_root, method="shortgpt", options={"compensation": True}, **overrides)
+        response = api.post("/v1/jobs", params={"dry_run": "true"}, json=job)
+        assert response.status_code == 200, response.text
+        return response.json()["spec"]["options"]["compensation_samples"]
+
+    assert budget(calibration=by_dataset) == 128
+    assert budget() == 32  # tiny_job calibrates on self-generated text
+    explicit = tiny_job(
+        model_root, method="shortgpt", options={"compensation": True, "compensation_samples": 8}, calibration=by_dataset
+    )
+    spec = api.post("/v1/jobs", params={"dry_run": "true"}, json=explicit).json()["spec"]
+    assert spec["options"]["compensation_samples"] == 8

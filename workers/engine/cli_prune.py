@@ -217,6 +217,7 @@ def run_prune(args: argparse.Namespace) -> int:
         token_batches,
     )
     from workers.engine.device import pick_device, pick_dtype
+    from workers.engine.methods.layer_common import with_compensation_budget
     from workers.engine.modelzoo import default_cache_dir, load_model
     from workers.engine.registry import get_method, parse_options
     from workers.engine.types import EngineError
@@ -252,10 +253,12 @@ def run_prune(args: argparse.Namespace) -> int:
                 model, tokenizer, args.n_samples, args.seq_len, seed=args.seed, progress=progress
             )
         compensation = None
-        parsed = parse_options(get_method(args.method), options)
+        source = "dataset" if args.calibration is not None else "self_generated"
+        parsed = with_compensation_budget(parse_options(get_method(args.method), options), options, source)
         if getattr(parsed, "compensation", False):
             # Compensation's own, larger budget from the same source (another seed: other windows).
             n_windows = parsed.compensation_samples  # type: ignore[attr-defined]
+            options = {**options, "compensation_samples": n_windows}
             if args.calibration is not None:
                 compensation = token_batches(tokenizer, calibration_texts, n_windows, args.seq_len, seed=args.seed + 1)
             else:

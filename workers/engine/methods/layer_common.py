@@ -30,9 +30,24 @@ from workers.engine.layer_budget import (
 from workers.engine.layers import find_layers, remove_layers
 from workers.engine.types import EngineError, MethodOptions, PruneContext, PruneOutcome, SparsityBasis
 
-# Default compensation budget (token windows of the calibration length), chosen by measurement:
-# docs/benchmarks/layer-pruning.md, "Compensation tokens".
-COMPENSATION_SAMPLES = 32
+# Default compensation budgets (token windows of the calibration length), chosen by measurement
+# (docs/benchmarks/layer-pruning.md, "Compensation tokens"). Windows drawn from a dataset cost
+# nothing to get, so they take the budget that fitted best; self-generated windows cost generation
+# time (the first job's critical path), so they keep the smaller one.
+COMPENSATION_SAMPLES = 128
+SELF_GENERATED_COMPENSATION_SAMPLES = 32
+
+
+def compensation_budget(source: str) -> int:
+    """Default `compensation_samples` for calibration from `source` ("dataset" or "self_generated")."""
+    return SELF_GENERATED_COMPENSATION_SAMPLES if source == "self_generated" else COMPENSATION_SAMPLES
+
+
+def with_compensation_budget(options: MethodOptions, given: dict | None, source: str) -> MethodOptions:
+    """`options` with the source's default compensation budget, unless the user set one."""
+    if "compensation_samples" not in type(options).model_fields or "compensation_samples" in (given or {}):
+        return options
+    return options.model_copy(update={"compensation_samples": compensation_budget(source)})
 
 
 class LayerMethodOptions(MethodOptions):
