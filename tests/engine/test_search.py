@@ -229,15 +229,15 @@ def test_galloping_search_finds_the_same_answer_probing_up_from_one(budget, expe
     assert sorted(calls) == probed and calls[:2] == [1, 2]
 
 
-@pytest.mark.parametrize("method", ["gradmap", "sleb"])
-def test_resumed_selection_continues_exactly_like_one_run(tiny_llama, method):
+@pytest.mark.parametrize(("method", "options"), [("gradmap", {}), ("sleb", {})])
+def test_resumed_selection_continues_exactly_like_one_run(tiny_llama, method, options):
     import copy
 
     from workers.engine.pipeline import run_method
     from workers.engine.registry import get_method, parse_options
 
     spec = get_method(method)
-    opts = parse_options(spec, {"compensation": False})
+    opts = parse_options(spec, {"compensation": False, **options})
     assert spec.resumable is not None and spec.resumable(opts)
 
     def order(k: int, resume_from: list[int] | None = None) -> list[int]:
@@ -255,6 +255,52 @@ def test_resumed_selection_continues_exactly_like_one_run(tiny_llama, method):
 
     first = order(1)
     assert order(3, resume_from=first) == order(3)
+
+
+def test_resumed_in_loop_selection_refits_its_prefix_first():
+    """In-loop projections of the prefix's cuts shape the next scores: a resumed run rebuilds them,
+    so its next decision sees exactly the scores one uninterrupted run saw."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from workers.engine.pipeline import run_method
+    from workers.engine.registry import get_method, parse_options
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    model = LlamaForCausalLM(config).eval()
+    spec = get_method("gradmap")
+    opts = parse_options(spec, {"compensation": False, "compensate_in_loop": True})
+    assert spec.resumable is not None and spec.resumable(opts)
+
+    def decisions(k: int, resume_from: list[int] | None = None) -> list[dict]:
+        run = run_method(
+            spec.run,
+            copy.deepcopy(model),
+            ids(8),
+            method="gradmap",
+            target_sparsity=k / 6,
+            sparsity_basis="layers",
+            options=opts,
+            resume_from=resume_from,
+        )
+        return run.report["decisions"]
+
+    whole = decisions(3)
+    assert whole[1]["in_loop_compensation"], "the prefix must carry a projection for this test to bite"
+    prefix = [d["chosen"] for d in whole[:2]]
+    resumed = decisions(3, resume_from=prefix)
+    assert resumed[-1]["chosen"] == whole[-1]["chosen"]
+    assert resumed[-1]["scores"] == whole[-1]["scores"]
 
 
 def test_search_grows_the_removal_order_only_as_far_as_its_probes(tiny_llama):

@@ -141,6 +141,9 @@ def select(inp: SelectorInput) -> Selection:
             in_loop = InLoopCompensation(ctx.model, ids, options.compensation_config(), incremental, ctx.check_cancel)
             in_loop_tokens = int(ids.numel())
         try:
+            if in_loop is not None:  # a resumed run first rebuilds the projections its prefix had
+                for n in range(1, len(inp.prefix) + 1):
+                    in_loop.after_cut(list(inp.prefix[:n]), inp.prefix[n - 1])
             for step in range(len(inp.prefix), inp.k):
                 started = time.perf_counter()
                 ctx.check_cancel()
@@ -188,6 +191,6 @@ register_layer_method(
     ),
     GradMAPOptions,
     select,
-    # In-loop projections of earlier cuts shape later scores, and a resumed run would lack them.
-    resumable=lambda options: options.iterative and not options.compensate_in_loop,
+    # In-loop projections of earlier cuts shape later scores: a resumed run refits them first.
+    resumable=lambda options: options.iterative,
 )
