@@ -226,9 +226,10 @@ def run(args) -> None:
                 if selector.split("[")[0] in COMPENSATED:  # selector variants (gradmap[...]) too
                     evaluate_removal(selector, ratio, comp, tag=f"[{name}]")
 
-    main_rows(ratios[0])
+    if not args.only_variants:
+        main_rows(ratios[0])
     variants(ratios[0])
-    for ratio in ratios[1:]:
+    for ratio in ratios[1:] if not args.only_variants else []:
         main_rows(ratio)
     for ratio in ratios[1:]:
         variants(ratio)
@@ -296,9 +297,10 @@ def paired(entry: dict[str, Any], reference: dict[str, Any], text: str) -> tuple
 def print_precise(res: dict[str, Any], references: tuple[str, ...] = ("gradmap + comp", "shortgpt")) -> None:
     """Per k: every entry with its standard errors and paired comparisons against each of `references`."""
     entries = [e for key, e in res["evals"].items() if key != "dense" and "wikitext2_ppl_stderr" in e]
-    dense = res["evals"]["dense"]
-    print(f"\nDense: WikiText-2 {dense['wikitext2_ppl']:.2f} ± {dense.get('wikitext2_ppl_stderr', 0):.2f}, "
-          f"PTB {dense['ptb_ppl']:.2f} ± {dense.get('ptb_ppl_stderr', 0):.2f}")
+    dense = res["evals"].get("dense")
+    if dense is not None:
+        print(f"\nDense: WikiText-2 {dense['wikitext2_ppl']:.2f} ± {dense.get('wikitext2_ppl_stderr', 0):.2f}, "
+              f"PTB {dense['ptb_ppl']:.2f} ± {dense.get('ptb_ppl_stderr', 0):.2f}")
     for k in sorted({e["k"] for e in entries}):
         rows = sorted((e for e in entries if e["k"] == k), key=lambda e: e["wikitext2_ppl"])
         refs = [next((e for e in rows if label(e) == name), None) for name in references]
@@ -358,6 +360,13 @@ def report(args) -> None:
         else:
             same["evals"] = res["evals"] | same["evals"]
             same["runs"] = res["runs"] | same["runs"]
+    for res in files:
+        if "dense" not in res["evals"]:  # a paired-only sweep: the precise tables are all it gives
+            print(f"\n### {res['model']} (no dense row)\n")
+            print_precise(res, tuple(args.refs))
+    files = [res for res in files if "dense" in res["evals"]]
+    if not files:
+        return
     plot_dir = Path(args.plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)
 
@@ -404,7 +413,7 @@ def report(args) -> None:
     for res in files:
         print(f"\n### {res['model']} ({res['n_layers']} layers)\n")
         print_pivots(res)
-        print_precise(res)
+        print_precise(res, tuple(args.refs))
         print_time_to_k(res)
         print("\nAll entries:\n")
         dense = res["evals"]["dense"]
@@ -454,6 +463,7 @@ def main() -> None:
     r.add_argument("--variant-methods", nargs="*", default=[], help="selectors for --comp-variants (all)")
     r.add_argument("--variant-ratios", type=float, nargs="*", default=[], help="ratios for --comp-variants (all)")
     r.add_argument("--comp-samples", type=int, default=256, help="compensation windows drawn (options take a prefix)")
+    r.add_argument("--only-variants", action="store_true", help="only the --comp-variants rows (no main grid)")
     r.add_argument("--skip-dense", action="store_true", help="no dense row (e.g. a sweep with paired comparisons)")
     r.add_argument("--runs-from", default=None, help="results JSON whose recorded selections are reused")
     r.add_argument("--extra-selectors", nargs="*", default=[], help="e.g. gradmap[influence] (options via --options)")
@@ -464,6 +474,7 @@ def main() -> None:
     p = sub.add_parser("report")
     p.add_argument("inputs", nargs="+")
     p.add_argument("--plot-dir", default=str(REPO / "docs" / "benchmarks"))
+    p.add_argument("--refs", nargs="+", default=["gradmap + comp", "shortgpt"], help="rows every row is paired with")
     args = parser.parse_args()
     run(args) if args.command == "run" else report(args)
 
