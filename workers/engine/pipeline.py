@@ -301,7 +301,7 @@ def search(
         n_layers = profile.n_layers
         k_max = resolve_k(profile, target.max_sparsity, "layers")
         # The order needs no compensation: each probe compensates its own prefix.
-        unfitted = opts.model_copy(update={"compensation": False})
+        unfitted = opts.selection_only()  # type: ignore[attr-defined]  # every layer method's options have it
         # An iterative selector that can resume is only run as far as the probes need: the search
         # then gallops up from one layer (1, 2, 4, ...) so the order stays within ~2x the answer.
         resumable = spec.resumable is not None and spec.resumable(unfitted) and not target.full_curve

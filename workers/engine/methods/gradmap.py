@@ -55,12 +55,14 @@ class GradMAPOptions(CompensatedOptions):
         ),
     )
     iterative: bool = Field(True, description="Re-score after every removal (one backward per decision).")
-    compensate_in_loop: bool = Field(
-        False,
+    compensate_in_loop: bool | None = Field(
+        None,
         description=(
             "After every decision, fit the compensation for the layers removed so far before the next scoring, so "
-            "later decisions see the corrected model (on the scoring calibration; the final compensation is "
-            "refitted from the original weights on the compensation budget)."
+            "later decisions see the corrected model (on the first in_loop_samples compensation windows; the final "
+            "compensation is refitted from the original weights on the whole budget). Default (null): on exactly "
+            "when compensation is on, since it picks the layers that compensation repairs best "
+            "(docs/benchmarks/layer-pruning.md)."
         ),
     )
     lookahead: int = Field(
@@ -73,7 +75,7 @@ class GradMAPOptions(CompensatedOptions):
         ),
     )
     in_loop_samples: int = Field(
-        32,
+        16,
         ge=0,
         le=4096,
         description=(
@@ -89,6 +91,14 @@ class GradMAPOptions(CompensatedOptions):
             "others; full: refit every projection from the original weights after every decision."
         ),
     )
+
+    def in_loop(self) -> bool:
+        """Whether selection fits in-loop compensation (by default: when the job compensates)."""
+        return self.compensation if self.compensate_in_loop is None else self.compensate_in_loop
+
+    def selection_only(self) -> GradMAPOptions:
+        """These options without the final compensation, choosing the same layers."""
+        return self.model_copy(update={"compensation": False, "compensate_in_loop": self.in_loop()})
 
 
 def in_loop_windows(ctx: PruneContext, options: GradMAPOptions) -> torch.Tensor:
@@ -135,7 +145,7 @@ def select(inp: SelectorInput) -> Selection:
         removed = list(inp.prefix)
         decisions = []
         in_loop = None
-        if options.compensate_in_loop:
+        if options.in_loop():
             ids = in_loop_windows(ctx, options)
             incremental = options.in_loop_refit == "incremental"
             in_loop = InLoopCompensation(ctx.model, ids, options.compensation_config(), incremental, ctx.check_cancel)

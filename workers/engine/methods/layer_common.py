@@ -98,6 +98,11 @@ class LayerMethodOptions(MethodOptions):
     protect_first: int = Field(0, ge=0, le=64, description="Never remove the first N layers.")
     protect_last: int = Field(0, ge=0, le=64, description="Never remove the last N layers.")
 
+    def selection_only(self) -> LayerMethodOptions:
+        """These options without the final compensation, choosing the same layers (a quality search
+        builds its removal order once and compensates each probe itself)."""
+        return self.model_copy(update={"compensation": False})
+
     def protection(self, n_layers: int, k: int) -> tuple[int, int]:
         """(first, last) layers that may not be removed."""
         return self.protect_first, self.protect_last
