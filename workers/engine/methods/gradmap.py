@@ -75,7 +75,7 @@ class GradMAPOptions(CompensatedOptions):
         ),
     )
     in_loop_samples: int = Field(
-        16,
+        32,
         ge=0,
         le=4096,
         description=(
