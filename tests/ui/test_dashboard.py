@@ -96,6 +96,8 @@ def test_submit_watch_inspect_download_and_compare(served: Served, browser, tmp_
     page.click("#preview-button")
     page.wait_for_selector("#err-target_sparsity:text('impossible')")
     page.fill("#opt-protect_first", "0")
+    # A nullable switch offers "automatic" (its default, then not sent) besides on and off.
+    assert page.input_value("#opt-compensate_in_loop") == ""
     page.fill("#cal-n_samples", "4")
     page.fill("#cal-seq_len", "32")
     page.check("#eval-on")
@@ -153,7 +155,9 @@ def test_submit_watch_inspect_download_and_compare(served: Served, browser, tmp_
     info.value.save_as(saved)
     digest = hashlib.sha256(saved.read_bytes()).hexdigest()
     assert digest == file_row.locator("[data-testid=sha256]").inner_text().strip()
-    artifact = api.get(f"/v1/artifacts/{api.get(f'/v1/jobs/{job_id}').json()['artifact_id']}").json()
+    job = api.get(f"/v1/jobs/{job_id}").json()
+    assert job["options"]["compensate_in_loop"] is None  # left automatic: in-loop follows compensation
+    artifact = api.get(f"/v1/artifacts/{job['artifact_id']}").json()
     assert digest == next(f["sha256"] for f in artifact["files"] if f["path"] == "config.json")
 
     # Compare the two jobs on the same model: one table row and one chart point each.

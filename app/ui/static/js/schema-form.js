@@ -69,6 +69,15 @@ export function optionsForm(schema) {
     const errId = `err-options.${name}`;
     const hint = hintFor(p);
     let input;
+    if (p.type === "boolean" && p.nullable) {
+      // A nullable switch has three states (automatic, on, off): a checkbox cannot say "automatic".
+      input = h("select", { id, name, "aria-describedby": `${id}-hint ${errId}` },
+        [["", "automatic"], ["true", "on"], ["false", "off"]].map(([v, text]) => h("option", { value: v, selected: v === String(p.default ?? "") }, text)));
+      inputs.set(name, { p, read: () => (input.value === "" ? null : input.value === "true"), input });
+      return h("div", { class: "field", "data-field": `options.${name}` },
+        h("label", { for: id }, p.title || name), input,
+        h("div", { class: "hint", id: `${id}-hint` }, hint), h("div", { class: "error-text", id: errId }));
+    }
     if (p.type === "boolean") {
       input = h("input", { type: "checkbox", id, name, checked: Boolean(p.default), "aria-describedby": `${id}-hint ${errId}` });
       inputs.set(name, { p, read: () => input.checked, input });
