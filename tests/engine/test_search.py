@@ -87,6 +87,26 @@ def test_search_probes_compensate_on_compensation_data_like_a_single_job(tiny_ll
         assert torch.allclose(found.model.state_dict()[name], weight, atol=1e-6), name
 
 
+def test_search_order_fits_in_loop_compensation_on_the_jobs_compensation_windows():
+    """With in-loop compensation (the GradMAP default), the search's removal order sees the same
+    compensation windows as a single job, so it removes the same layers."""
+    import copy
+
+    model, extra = six_layer_llama(), ids(n=16, seed=2)
+    target = {"max_perplexity_ratio": 10.0, "max_sparsity": 0.5}
+    found = search(
+        copy.deepcopy(model),
+        ids(8),
+        method="gradmap",
+        target=target,
+        measure=layer_count_measure(6),
+        compensation_data=extra,
+    )
+    single = prune(copy.deepcopy(model), ids(8), method="gradmap", target_sparsity=0.5, compensation_data=extra)
+    assert found.report["quality_target"]["removal_order"] == single.report["removal_order"]
+    assert found.report["removed_layers"] == single.report["removed_layers"]
+
+
 def test_removal_order_is_prefix_consistent(tiny_llama):
     import copy
 
@@ -257,15 +277,9 @@ def test_resumed_selection_continues_exactly_like_one_run(tiny_llama, method, op
     assert order(3, resume_from=first) == order(3)
 
 
-def test_resumed_in_loop_selection_refits_its_prefix_first():
-    """In-loop projections of the prefix's cuts shape the next scores: a resumed run rebuilds them,
-    so its next decision sees exactly the scores one uninterrupted run saw."""
-    import copy
-
+def six_layer_llama():
+    """A 6-layer LLaMA on which GradMAP's in-loop projections change later decisions (random weights)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from workers.engine.pipeline import run_method
-    from workers.engine.registry import get_method, parse_options
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -277,7 +291,18 @@ def test_resumed_in_loop_selection_refits_its_prefix_first():
         num_key_value_heads=2,
         max_position_embeddings=256,
     )
-    model = LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval()
+
+
+def test_resumed_in_loop_selection_refits_its_prefix_first():
+    """In-loop projections of the prefix's cuts shape the next scores: a resumed run rebuilds them,
+    so its next decision sees exactly the scores one uninterrupted run saw."""
+    import copy
+
+    from workers.engine.pipeline import run_method
+    from workers.engine.registry import get_method, parse_options
+
+    model = six_layer_llama()
     spec = get_method("gradmap")
     opts = parse_options(spec, {"compensation": False, "compensate_in_loop": True})
     assert spec.resumable is not None and spec.resumable(opts)

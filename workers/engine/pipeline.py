@@ -313,7 +313,12 @@ def search(
             if len(order or []) >= k:
                 return
             resume = {"resume_from": order} if resumable else {}
-            order = removal_order(run_on_copy(spec.run, k / n_layers, "layers", unfitted, **resume).report)
+            # The compensation windows too: in-loop compensation fits on them, as in a single job.
+            order = removal_order(
+                run_on_copy(
+                    spec.run, k / n_layers, "layers", unfitted, compensation_data=compensation_data, **resume
+                ).report
+            )
 
         if not resumable:
             grow_order(k_max)
