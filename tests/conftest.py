@@ -14,9 +14,8 @@ SHARED_DATA = Path(os.environ.get("SLIMFORGE_SHARED_DATA", REPO.parent / "shared
 MODEL_CACHE = Path(os.environ.get("SLIMFORGE_TEST_MODEL_CACHE", REPO / ".slimforge" / "models"))
 
 
-@pytest.fixture
-def tiny_llama():
-    """A 4-layer LLaMA with GQA (4 query heads, 2 KV heads), random weights, fp32, eval mode."""
+def make_tiny_llama(n_layers: int = 4):
+    """An n-layer LLaMA with GQA (4 query heads, 2 KV heads), random weights (seed 0), fp32, eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -24,12 +23,18 @@ def tiny_llama():
         vocab_size=128,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=4,
+        num_hidden_layers=n_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
     )
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    """A 4-layer LLaMA with GQA (4 query heads, 2 KV heads), random weights, fp32, eval mode."""
+    return make_tiny_llama(4)
 
 
 @pytest.fixture

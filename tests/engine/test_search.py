@@ -8,6 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from tests.conftest import make_tiny_llama
 from workers.engine.layers import find_layers
 from workers.engine.pipeline import prune, search
 from workers.engine.search import ProbeResult, QualityTarget, largest_passing
@@ -92,7 +93,7 @@ def test_search_order_fits_in_loop_compensation_on_the_jobs_compensation_windows
     compensation windows as a single job, so it removes the same layers."""
     import copy
 
-    model, extra = six_layer_llama(), ids(n=16, seed=2)
+    model, extra = make_tiny_llama(6), ids(n=16, seed=2)  # in-loop projections change its later decisions
     target = {"max_perplexity_ratio": 10.0, "max_sparsity": 0.5}
     found = search(
         copy.deepcopy(model),
@@ -277,23 +278,6 @@ def test_resumed_selection_continues_exactly_like_one_run(tiny_llama, method, op
     assert order(3, resume_from=first) == order(3)
 
 
-def six_layer_llama():
-    """A 6-layer LLaMA on which GradMAP's in-loop projections change later decisions (random weights)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 def test_resumed_in_loop_selection_refits_its_prefix_first():
     """In-loop projections of the prefix's cuts shape the next scores: a resumed run rebuilds them,
     so its next decision sees exactly the scores one uninterrupted run saw."""
@@ -302,7 +286,7 @@ def test_resumed_in_loop_selection_refits_its_prefix_first():
     from workers.engine.pipeline import run_method
     from workers.engine.registry import get_method, parse_options
 
-    model = six_layer_llama()
+    model = make_tiny_llama(6)  # in-loop projections change its later decisions
     spec = get_method("gradmap")
     opts = parse_options(spec, {"compensation": False, "compensate_in_loop": True})
     assert spec.resumable is not None and spec.resumable(opts)
