@@ -369,3 +369,35 @@ def test_judging_windows_are_capped_so_larger_budgets_fit_more(tiny_llama):
     assert (quarter["fit_samples"], quarter["heldout_samples"]) == (36, 12)
     small = compensate(copy.deepcopy(tiny_llama), keep, ids[:8], CompensationConfig())
     assert (small["fit_samples"], small["heldout_samples"]) == (6, 2)
+
+
+def test_unjudged_compensation_keeps_every_fit_and_runs_no_held_out_forward(monkeypatch):
+    """In-loop scaffolding skips the judge: the projections are exactly the judged run's (where it
+    keeps them all), and no held-out loss (nor the held-out prefix) is ever computed."""
+    import workers.engine.compensation.fit as fit
+    from workers.engine.compensation.replay import PrefixReplay
+
+    model = _six_layer("llama")
+    ids = _ids(10)
+    keep = [0, 2, 3, 5]
+    judged_model = copy.deepcopy(model)
+    judged = compensate(judged_model, keep, ids, CompensationConfig(min_improvement=-1.0, refit_on_all=False))
+    replays: list[int] = []
+    original_init = PrefixReplay.__init__
+
+    def counting_init(self, model, keep, ids, *args, **kwargs):  # type: ignore[no-untyped-def]
+        replays.append(int(ids.shape[0]))
+        original_init(self, model, keep, ids, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PrefixReplay, "loss", lambda *a, **k: pytest.fail("an unjudged fit computed a loss"))
+        patch.setattr(fit, "lm_loss", lambda *a, **k: pytest.fail("an unjudged fit computed a loss"))
+        patch.setattr(PrefixReplay, "__init__", counting_init)
+        unjudged = compensate(model, keep, ids, CompensationConfig(refit_on_all=False, judged=False))
+    assert replays == [judged["fit_samples"]]  # the fit split only
+    assert unjudged["layers"] == judged["layers"] == [0, 2, 3, 5]
+    assert unjudged["judged_on"].startswith("not judged") and unjudged["heldout_loss_before"] is None
+    for layer in keep:
+        assert torch.equal(
+            find_writer(model.model.layers[layer])[0].weight, find_writer(judged_model.model.layers[layer])[0].weight
+        ), layer

@@ -88,6 +88,39 @@ def test_search_probes_compensate_on_compensation_data_like_a_single_job(tiny_ll
         assert torch.allclose(found.model.state_dict()[name], weight, atol=1e-6), name
 
 
+def test_cheap_probes_then_the_chosen_size_is_refitted_on_every_window(tiny_llama):
+    """Probes compensate on the first `probe_compensation_samples` windows; the published model is
+    the single job at the chosen size (all windows), unless that one misses the budget."""
+    extra = ids(n=12, seed=2)
+    target = {"max_perplexity_ratio": 1.15, "max_sparsity": 0.75, "probe_compensation_samples": 4}
+    single = prune(copy.deepcopy(tiny_llama), ids(), method="gradmap", target_sparsity=0.5, compensation_data=extra)
+
+    def run(measure):
+        return search(
+            copy.deepcopy(tiny_llama), ids(), method="gradmap", target=target, measure=measure, compensation_data=extra
+        )
+
+    found = run(layer_count_measure())
+    q = found.report["quality_target"]
+    assert q["chosen_size"] == 2 and q["refit"]["published"] is True
+    assert {p["compensation_tokens"] for p in q["curve"]} == {4 * 20}
+    assert q["refit"]["compensation_tokens"] == found.report["compensation"]["compensation_tokens"] == 12 * 20
+    assert found.report["removed_layers"] == single.report["removed_layers"]
+    for name, weight in single.model.state_dict().items():
+        assert torch.allclose(found.model.state_dict()[name], weight, atol=1e-6), name
+
+    def refit_misses(model) -> float:  # the all-window model fails the budget: the probe's model is published
+        same = all(torch.allclose(model.state_dict()[n], w, atol=1e-6) for n, w in single.model.state_dict().items())
+        return 100.0 if same and len(find_layers(model).layers) == 2 else layer_count_measure()(model)
+
+    fallback = run(refit_misses)
+    q = fallback.report["quality_target"]
+    assert q["chosen_size"] == 2 and q["refit"] == {**q["refit"], "published": False, "value": 10.0}
+    assert q["chosen_value"] == q["probe_value"] == 1.1
+    assert fallback.report["compensation"]["compensation_tokens"] == 4 * 20
+    assert any(not torch.allclose(fallback.model.state_dict()[n], w) for n, w in single.model.state_dict().items())
+
+
 def test_search_order_fits_in_loop_compensation_on_the_jobs_compensation_windows():
     """With in-loop compensation (the GradMAP default), the search's removal order sees the same
     compensation windows as a single job, so it removes the same layers."""

@@ -22,6 +22,9 @@ class CompensationConfig:
     max_tokens: int = 16384  # rows kept in memory for the Adam refinement only; the solve streams all
     min_improvement: float = 0.0  # relative held-out loss drop a projection needs to be kept
     refit_on_all: bool = True  # once a projection passed the held-out check, refit it on fit + held-out rows
+    # Judge each projection on the held-out windows (kept only if the loss drops). Off, every fitted
+    # projection is kept unjudged: in-loop scaffolding, where the judge's forwards were half the cost.
+    judged: bool = True
     micro_batch_size: int = 4
     # The original model's targets of every placement are captured in one pass, and the pruned
     # model's state is replayed from placement to placement (`PrefixReplay`), while they fit in this

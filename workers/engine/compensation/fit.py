@@ -98,7 +98,8 @@ def cache_splits(
             targets_of_split = given or original_targets(model, wanted, ids, originals, mb, check_cancel)
         return SplitCache(targets_of_split, PrefixReplay(model, keep, ids, mb, usable[0], usable[-1], check_cancel))
 
-    return build(0, True), build(1, stream_heldout)
+    # Without a judge and without a refit on all rows, the held-out split is never run.
+    return build(0, True), build(1, stream_heldout) if config.judged or stream_heldout else None
 
 
 def compensate(
@@ -180,7 +181,9 @@ def compensate(
     )
     judge = cached[1] if n_heldout else cached[0]
     # The loss before any projection: from the replay's stored state when cached (no prefix re-run).
-    loss_before = full_loss(judge_ids) if judge is None else judge.prefix.loss(judge_ids, config.micro_batch_size)
+    loss_before = None
+    if config.judged:
+        loss_before = full_loss(judge_ids) if judge is None else judge.prefix.loss(judge_ids, config.micro_batch_size)
     current = loss_before
 
     def pruned_loss(position: int) -> float | None:
@@ -232,16 +235,19 @@ def compensate(
             entry["heldout_mse_after"] = heldout.equations.mse(projection)
         restore_writer = snapshot_linear(writer)
         merge_projection(writer, projection)
-        candidate = pruned_loss(position)
-        bar = None if current is None else current * (1.0 - config.min_improvement)
-        accepted = candidate is not None and bar is not None and candidate < bar
+        if config.judged:
+            candidate = pruned_loss(position)
+            bar = None if current is None else current * (1.0 - config.min_improvement)
+            accepted = candidate is not None and bar is not None and candidate < bar
+        else:
+            candidate, accepted = None, True
         entry.update({"loss_before": current, "loss_after": candidate, "kept": bool(accepted)})
         if accepted and heldout is not None and config.refit_on_all:
             # The held-out split has done its job (deciding); the final projection uses every row.
             projection = solve_captures([fit, heldout], post_norm, config)
             restore_writer()
             merge_projection(writer, projection)
-            candidate = pruned_loss(position)
+            candidate = pruned_loss(position) if config.judged else None
             entry.update(
                 {"refit_on_all_rows": int(fit.equations.rows + heldout.equations.rows), "loss_after_refit": candidate}
             )
@@ -259,7 +265,11 @@ def compensate(
             "kept": bool(kept_entries),
             "layers": [e["layer"] for e in kept_entries],
             "tried_layers": [e["layer"] for e in report["projections"]],
-            "judged_on": "heldout" if n_heldout else "fit (calibration has one sample, nothing held out)",
+            "judged_on": (
+                ("heldout" if n_heldout else "fit (calibration has one sample, nothing held out)")
+                if config.judged
+                else "not judged (every projection kept)"
+            ),
             "heldout_loss_before": loss_before if n_heldout else None,
             "heldout_loss_after": current if n_heldout else None,
             "fit_loss_before": None if n_heldout else loss_before,

@@ -47,9 +47,11 @@ class InLoopCompensation:
         config: CompensationConfig,
         incremental: bool,
         check_cancel: Callable[[], None],
+        judged: bool = False,
     ) -> None:
         self.model, self.ids, self.incremental, self.check_cancel = model, ids, incremental, check_cancel
-        self.config = replace(config, refit_on_all=False)  # scaffolding: no second capture per projection
+        # Scaffolding: no second capture per projection, and by default no held-out judge either.
+        self.config = replace(config, refit_on_all=False, judged=judged)
         self.layers = find_layers(model).layers
         self.originals = OriginalWeights.of_model(model)
         self.carrying: list[int] = []  # kept layers currently carrying an in-loop projection

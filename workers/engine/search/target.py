@@ -28,6 +28,17 @@ class QualityTarget(BaseModel):
     full_curve: bool = Field(
         False, description="Probe every candidate (the whole size/quality curve) instead of a binary search."
     )
+    probe_compensation_samples: int = Field(
+        32,
+        ge=0,
+        le=4096,
+        description=(
+            "Layer methods with compensation: each probe fits its compensation on the first N of the job's "
+            "compensation windows; the chosen size is then refitted on all of them and measured again, and the "
+            "better of the two models that meets the budget is published. 0: every probe fits on all windows. "
+            "Ignored with recovery (probes then compensate like a single job)."
+        ),
+    )
 
     @field_validator("perplexity_set")
     @classmethod
