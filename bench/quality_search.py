@@ -4,10 +4,12 @@ One process, same machine state, in this order:
   1. the quality search (`pipeline.search`) for `--max-ratio` on `--text`, GradMAP + compensation;
   2. a single job at the chosen size (`pipeline.prune`), timed alone and with the same quality
      check a user needs to know what it got (the dense and the pruned perplexity on that text).
-Recovery is off: the issue's target excludes it.
+Recovery is off: the issue's target excludes it. Both runs get the same compensation windows
+(`--compensation-samples`, drawn like bench/layer_pruning.py's: seed 1, first half of WikiText-2),
+as a job with an uploaded dataset does; 0 compensates on the calibration batch (runs before 7 Dec).
 
   OMP_NUM_THREADS=2 nice -n 19 python bench/quality_search.py --max-ratio 1.3 --text ptb \
-      --out docs/benchmarks/quality-search.jsonl
+      --compensation-samples 128 --out docs/benchmarks/quality-search.jsonl
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--full-curve", action="store_true")
     parser.add_argument("--full-measure", action="store_true", help="score every probe on all tokens")
+    parser.add_argument("--compensation-samples", type=int, default=128, help="0: the calibration batch")
+    parser.add_argument(
+        "--probe-compensation-samples", type=int, default=None, help="the target's option (default: its default)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -52,6 +58,13 @@ def main() -> None:
     model, tokenizer = load_model(args.model, cache_dir=CACHE)
     wiki = (DATA / "wikitext2-valid.txt").read_text(encoding="utf-8")
     calibration = token_batches(tokenizer, [wiki[: len(wiki) // 2]], 8, 128, seed=0)
+    n_comp = args.compensation_samples
+    compensation = token_batches(tokenizer, [wiki[: len(wiki) // 2]], n_comp, 128, seed=1) if n_comp else None
+    probe_option = (
+        {}
+        if args.probe_compensation_samples is None
+        else {"probe_compensation_samples": args.probe_compensation_samples}
+    )
     # WikiText-2: only the half calibration does not use.
     text = builtin_text("ptb", DATA) if args.text == "ptb" else wiki[len(wiki) // 2 :]
     target = QualityTarget(
@@ -60,13 +73,22 @@ def main() -> None:
         max_sparsity=args.max_sparsity,
         eval_tokens=args.eval_tokens,
         full_curve=args.full_curve,
+        **probe_option,
     )
     measure = perplexity_measure(tokenize_text(tokenizer, text, target.eval_tokens), target.seq_len)
     # --full-measure: a plain callable, so every probe scores all tokens (the search before the paired test).
     probe_measure = (lambda m: measure(m)) if args.full_measure else measure
 
     started = time.perf_counter()
-    found = search(model, calibration, method=args.method, target=target, measure=probe_measure, tokenizer=tokenizer)
+    found = search(
+        model,
+        calibration,
+        method=args.method,
+        target=target,
+        measure=probe_measure,
+        tokenizer=tokenizer,
+        compensation_data=compensation,
+    )
     search_s = time.perf_counter() - started
     q = found.report["quality_target"]
     k = int(q["chosen_size"])
@@ -81,6 +103,7 @@ def main() -> None:
         sparsity_basis="layers",
         seed=0,
         tokenizer=tokenizer,
+        compensation_data=compensation,
     )
     single_s = time.perf_counter() - started
     dense_ppl, pruned_ppl = measure(model), measure(single.model)
@@ -100,10 +123,18 @@ def main() -> None:
             "chosen_value": q["chosen_value"],
             "probes": q["probes"],
             "full_measure": args.full_measure,
+            "compensation_samples": n_comp,
+            "probe_compensation_samples": target.probe_compensation_samples,
             "curve": [
-                {key: p.get(key) for key in ("size", "value", "stderr", "segments", "meets", "seconds")}
+                {
+                    key: p.get(key)
+                    for key in ("size", "value", "stderr", "segments", "meets", "seconds", "compensation_tokens")
+                }
                 for p in q["curve"]
             ],
+            "refit": q.get("refit"),
+            "removed_layers": found.report.get("removed_layers"),
+            "search_timings": {"order_grown_to": len(q.get("removal_order") or [])},
             "search_s": round(search_s, 1),
             "single_job_s": round(single_s, 1),
             "single_job_checked_s": round(checked_s, 1),

@@ -37,9 +37,8 @@ def tiny_llama():
     return make_tiny_llama(4)
 
 
-@pytest.fixture
-def tiny_gemma3():
-    """A 4-layer Gemma-3 text model with sliding/full `layer_types`, random weights."""
+def make_tiny_gemma3(n_layers: int = 4):
+    """An n-layer Gemma-3 text model, sliding and full attention alternating, random weights (seed 0)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(0)
@@ -47,15 +46,21 @@ def tiny_gemma3():
         vocab_size=128,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=4,
+        num_hidden_layers=n_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
         max_position_embeddings=256,
         sliding_window=8,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        layer_types=["sliding_attention", "full_attention"] * (n_layers // 2) + ["sliding_attention"] * (n_layers % 2),
     )
     return Gemma3ForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_gemma3():
+    """A 4-layer Gemma-3 text model with sliding/full `layer_types`, random weights."""
+    return make_tiny_gemma3(4)
 
 
 @pytest.fixture(scope="session")

@@ -303,3 +303,44 @@ def test_in_loop_targets_captured_once_give_the_streamed_selection(monkeypatch):
     assert [d["chosen"] for d in cached] == [d["chosen"] for d in streamed]
     assert [d["scores"] for d in cached] == [d["scores"] for d in streamed]
     assert [d.get("in_loop_compensation") for d in cached] == [d.get("in_loop_compensation") for d in streamed]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize("judged", [False, True])
+def test_in_loop_states_kept_across_decisions_give_the_selection_of_fresh_replays(kind, judged, monkeypatch):
+    """In-loop fits resume the pruned prefix from states kept since earlier decisions; every score,
+    choice and fitted projection equals the run whose every fit re-runs the prefix from the embeddings."""
+    from tests.conftest import make_tiny_gemma3, make_tiny_llama
+    from workers.engine.methods.in_loop import InLoopCompensation
+
+    model = make_tiny_llama(8) if kind == "llama" else make_tiny_gemma3(8)
+    options = {"compensation": False, "compensate_in_loop": True, "in_loop_samples": 10, "in_loop_judged": judged}
+    starts: list[int] = []
+    replay = InLoopCompensation._replay
+
+    def counting(self, keep, first, last):  # type: ignore[no-untyped-def]
+        built = replay(self, keep, first, last)
+        starts.append(built.position)
+        return built
+
+    runs = []
+    for reuse in (True, False):
+        with monkeypatch.context() as patch:
+            patch.setattr(InLoopCompensation, "_replay", counting)
+            if not reuse:  # every fit builds its replay with a forward from the embeddings
+                patch.setattr(InLoopCompensation, "_forget_after", lambda self, layer: self._states.clear())
+                patch.setattr(InLoopCompensation, "_replay", None)
+            outcome = prune(
+                copy.deepcopy(model),
+                _ids(4),
+                method="gradmap",
+                target_sparsity=5 / 8,
+                options=options,
+                compensation_data=_ids(12, seed=5),
+            )
+        runs.append(outcome.report["decisions"])
+    reused, fresh = runs
+    assert len(reused) == 5 and any(position > 0 for position in starts)  # some fit resumed mid-model
+    assert [d["chosen"] for d in reused] == [d["chosen"] for d in fresh]
+    assert [d["scores"] for d in reused] == [d["scores"] for d in fresh]  # bit for bit
+    assert [d["in_loop_compensation"] for d in reused[:-1]] == [d["in_loop_compensation"] for d in fresh[:-1]]

@@ -326,9 +326,10 @@ def search(
             grow_order(k_max)
         candidates: list[float] = list(range(1, k_max + 1))
         n_probe = target.probe_compensation_samples
-        compensates = bool(getattr(opts, "compensation", False))
-        if compensates and setup is None and compensation_data is not None and 0 < n_probe < len(compensation_data):
-            probe_data = compensation_data[:n_probe]
+        if getattr(opts, "compensation", False) and setup is None and compensation_data is not None:
+            windows = min(len(compensation_data), opts.compensation_samples)  # type: ignore[attr-defined]
+            if 0 < n_probe < windows:
+                probe_data = compensation_data[:n_probe]
 
         def build(size: float, data: torch.Tensor | None = None) -> PruneOutcome:
             grow_order(int(size))

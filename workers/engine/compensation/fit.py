@@ -35,6 +35,9 @@ class SplitCache:
 
 
 SplitTargets = tuple[TargetCache | None, TargetCache | None]  # original targets of the (fit, held-out) split
+# Builds the fit split's replay for (keep, first, last) positions: in-loop compensation resumes it
+# from states kept across decisions instead of re-running the pruned prefix.
+ReplayFactory = Callable[[Sequence[int], int, int], PrefixReplay]
 
 
 def split_windows(ids: torch.Tensor, config: CompensationConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,6 +80,7 @@ def cache_splits(
     config: CompensationConfig,
     check_cancel: Callable[[], None],
     known: SplitTargets | None = None,
+    fit_replay: ReplayFactory | None = None,
 ) -> tuple[SplitCache | None, SplitCache | None]:
     """Per split (fit, held-out): targets of every placement (where streamed; taken from `known`
     when given) and the prefix replay, or None for an empty split or over budget."""
@@ -96,6 +100,8 @@ def cache_splits(
         if streamed:
             given = None if known is None else known[split]
             targets_of_split = given or original_targets(model, wanted, ids, originals, mb, check_cancel)
+        if split == 0 and fit_replay is not None:
+            return SplitCache(targets_of_split, fit_replay(keep, usable[0], usable[-1]))
         return SplitCache(targets_of_split, PrefixReplay(model, keep, ids, mb, usable[0], usable[-1], check_cancel))
 
     # Without a judge and without a refit on all rows, the held-out split is never run.
@@ -113,6 +119,7 @@ def compensate(
     only_layers: Collection[int] | None = None,
     originals: OriginalWeights | None = None,
     known_targets: SplitTargets | None = None,
+    fit_replay: ReplayFactory | None = None,
 ) -> dict[str, Any]:
     """Fit and merge projection(s) into the kept layers of `model` (which still has all layers).
 
@@ -120,7 +127,8 @@ def compensate(
     Incremental use (in-loop compensation): `only_layers` limits the fit to those kept layers
     (original indices), leaving projections merged earlier elsewhere in place, and `originals`
     must then hold the unmerged writers of every block (the original model's targets);
-    `known_targets` (from `split_targets` on the same `ids`) spares re-running the original model.
+    `known_targets` (from `split_targets` on the same `ids`) spares re-running the original model,
+    and `fit_replay` builds the fit split's replay (used only where the targets are cached).
     """
     started = time.perf_counter()
     keep = sorted(keep)
@@ -178,6 +186,7 @@ def compensate(
         config,
         check_cancel,
         known_targets,
+        fit_replay,
     )
     judge = cached[1] if n_heldout else cached[0]
     # The loss before any projection: from the replay's stored state when cached (no prefix re-run).

@@ -116,6 +116,9 @@ class PrefixReplay:
         self.position = first
         self.states: list[torch.Tensor] = []
         self.calls: list[dict[int, Call]] = []
+        # Called with (position, states) each time the states reach a new block: in-loop
+        # compensation keeps them for later decisions (`from_states`).
+        self.on_advance: Callable[[int, list[torch.Tensor]], None] | None = None
         with torch.no_grad(), layer_subset(model, self.keep):
             blocks = list(find_layers(model).layers)
             for batch in micro_batches(ids, micro_batch_size):
@@ -126,6 +129,24 @@ class PrefixReplay:
                 self.states.append(recorder.state)
                 self.calls.append(recorder.calls)
         self.blocks = blocks
+
+    @classmethod
+    def from_states(
+        cls,
+        model: nn.Module,
+        keep: Sequence[int],
+        states: list[torch.Tensor],
+        calls: list[dict[int, Call]],
+        position: int,
+    ) -> PrefixReplay:
+        """A replay resumed from `states` entering block `position` of the pruned model (`keep`),
+        with every later block's recorded `calls` (per micro-batch): no forward at all."""
+        replay = cls.__new__(cls)
+        replay.model, replay.keep, replay.position = model, list(keep), position
+        replay.states, replay.calls, replay.on_advance = list(states), calls, None
+        with layer_subset(model, replay.keep):
+            replay.blocks = list(find_layers(model).layers)
+        return replay
 
     def run_block(self, index: int, position: int) -> torch.Tensor:
         """Output of block `position` for micro-batch `index`, from the stored state (which must be there)."""
@@ -157,3 +178,24 @@ class PrefixReplay:
         while self.position < position:
             self.states = [self.run_block(i, self.position) for i in range(len(self.states))]
             self.position += 1
+            if self.on_advance is not None:
+                self.on_advance(self.position, self.states)
+
+
+@torch.no_grad()
+def record_calls(
+    model: nn.Module, ids: torch.Tensor, micro_batch_size: int
+) -> tuple[list[torch.Tensor], list[dict[int, Call]]]:
+    """Per micro-batch of `ids`: the hidden state entering block 0 (the embeddings) and the call
+    arguments of every block of `model`, keyed by block index. A block's arguments (masks,
+    position embeddings) depend on its own kind and the input's shape, not on the blocks before
+    it, so a pruned model's blocks get the same ones."""
+    blocks = list(find_layers(model).layers)
+    states, calls = [], []
+    for batch in micro_batches(ids, micro_batch_size):
+        with _CallRecorder(blocks, 0, len(blocks) - 1) as recorder:
+            capture_forward(model, batch)
+        assert recorder.state is not None
+        states.append(recorder.state)
+        calls.append(recorder.calls)
+    return states, calls
