@@ -56,6 +56,16 @@ def load(checkpoint: Path):
     return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
 
 
+def compensate_removal(model, method: str, removed: list[int], data: dict[str, Any], comp: dict[str, Any]) -> dict:
+    """Fit `method`'s compensation (options `comp` over its defaults) for removing `removed` from the
+    still-whole `model`, on the calibration's drift and the compensation windows; its report."""
+    keep = [i for i in range(model.config.num_hidden_layers) if i not in set(removed)]
+    opts = parse_options(get_method(method), {"compensation": True, **comp})
+    shifts = measure_shift(model, keep, data["calibration"], opts.micro_batch_size)
+    comp_ids = data["compensation"][: opts.compensation_samples]
+    return compensate(model, keep, comp_ids, opts.compensation_config(), shifts=shifts)
+
+
 def removal_order(report: dict[str, Any]) -> list[int]:
     """Order in which the selector removed layers (decisions are recorded in that order)."""
     return [d["chosen"] for d in report["decisions"]]
@@ -189,14 +199,8 @@ def run(args) -> None:
             "method": selector, "compensation": comp is not None, "k": k, "removed_layers": removed, "tag": tag,
         }
         if comp is not None:
-            keep = [i for i in range(n_layers) if i not in set(removed)]
-            opts = parse_options(get_method(selector.split("[")[0]), {"compensation": True, **comp})
             started = time.perf_counter()
-            shifts = measure_shift(model, keep, data["calibration"], opts.micro_batch_size)
-            comp_ids = data["compensation"][: opts.compensation_samples]
-            entry["compensation_report"] = compensate(
-                model, keep, comp_ids, opts.compensation_config(), shifts=shifts
-            )
+            entry["compensation_report"] = compensate_removal(model, selector.split("[")[0], removed, data, comp)
             entry["compensation_options"] = comp
             entry["compensation_seconds"] = round(time.perf_counter() - started, 2)
         remove_layers(model, removed)
