@@ -56,6 +56,15 @@ def load(checkpoint: Path):
     return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
 
 
+def open_builtin(name: str, threads: int) -> tuple[Path, Any]:
+    """A built-in model's checkpoint and tokenizer, with torch set to `threads` threads."""
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(threads)
+    checkpoint = builtin_checkpoint(name, REPO / ".slimforge" / "models")
+    return checkpoint, AutoTokenizer.from_pretrained(checkpoint)
+
+
 def compensate_removal(model, method: str, removed: list[int], data: dict[str, Any], comp: dict[str, Any]) -> dict:
     """Fit `method`'s compensation (options `comp` over its defaults) for removing `removed` from the
     still-whole `model`, on the calibration's drift and the compensation windows; its report."""

@@ -23,9 +23,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from layer_pruning import open_builtin  # noqa: E402
 
 from workers.engine.calibration import token_batches  # noqa: E402
-from workers.engine.modelzoo import builtin_checkpoint  # noqa: E402
 from workers.engine.pipeline import prune  # noqa: E402
 
 VARIANTS = {
@@ -37,7 +39,7 @@ VARIANTS = {
 
 
 def main() -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "gemma3-270m"])
@@ -46,9 +48,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    checkpoint = builtin_checkpoint(args.model, REPO / ".slimforge" / "models")
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    checkpoint, tokenizer = open_builtin(args.model, args.threads)
     text = (REPO.parent / "shared" / "data" / "wikitext2-valid.txt").read_text(encoding="utf-8")
     calibration = token_batches(tokenizer, [text[: len(text) // 2]], 8, 128, seed=0)
     compensation = token_batches(tokenizer, [text[: len(text) // 2]], 128, 128, seed=1)

@@ -21,19 +21,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from layer_pruning import DATA, compensate_removal, load, prepare_data, save  # noqa: E402
+from layer_pruning import DATA, compensate_removal, load, open_builtin, prepare_data, save  # noqa: E402
 
 from workers.engine.evaluation import zero_shot  # noqa: E402
 from workers.engine.evaluation.paired import paired_average_difference, paired_difference  # noqa: E402
 from workers.engine.evaluation.tasks import TASKS  # noqa: E402
 from workers.engine.layers import remove_layers  # noqa: E402
-from workers.engine.modelzoo import builtin_checkpoint  # noqa: E402
 
 # Row name -> (method whose compensation is fitted, key of its selection in --runs).
 ROWS = {
@@ -65,8 +62,6 @@ def summary(row: dict[str, Any], dense: dict[str, Any], first: dict[str, Any] | 
 
 
 def main() -> None:
-    from transformers import AutoTokenizer
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--runs", default=str(REPO / "docs" / "benchmarks" / "layer-pruning-smollm2-eval2.json"))
@@ -76,9 +71,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    checkpoint = builtin_checkpoint(args.model, REPO / ".slimforge" / "models")
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    checkpoint, tokenizer = open_builtin(args.model, args.threads)
     setup = argparse.Namespace(calib_samples=8, calib_len=128, comp_samples=128, ppl_tokens=0, ptb_tokens=0)
     data = prepare_data(tokenizer, setup)
     runs = json.loads(Path(args.runs).read_text())["runs"]
