@@ -11,7 +11,9 @@ from pydantic import ValidationError
 from tests.conftest import make_tiny_llama
 from workers.engine.layers import find_layers
 from workers.engine.pipeline import prune, search
-from workers.engine.search import ProbeResult, QualityTarget, largest_passing
+from workers.engine.search import PerplexityMeasure, ProbeResult, QualityTarget, largest_passing
+from workers.engine.search.curve import largest_passing_from
+from workers.engine.search.measure import PairedRatio
 from workers.engine.types import EngineError
 
 # Perplexity ratio after removing k layers: known answer for any budget.
@@ -379,3 +381,62 @@ def test_dense_side_of_a_search_comes_from_its_cache(tiny_llama, tmp_path):
     assert [c["dense_cached"] for c in curves] == [False, True]
     assert curves[0]["dense_value"] == curves[1]["dense_value"]
     assert [p["value"] for p in curves[0]["curve"]] == [p["value"] for p in curves[1]["curve"]]
+
+
+@pytest.mark.parametrize(("budget", "expected"), [(1.3, 3), (1.05, 1), (2.5, 6), (5.0, 7), (1.01, None)])
+@pytest.mark.parametrize("start", range(7))
+def test_search_from_any_guess_finds_the_galloping_answer(budget, expected, start):
+    calls: list[float] = []
+    found = largest_passing_from(list(CURVE), start, curve_probe(budget, calls))
+    assert (found.chosen.size if found.chosen else None) == expected
+    assert calls[0] == start + 1 and len(calls) == len(set(calls))
+    if expected is not None and start == min(expected, 6):  # the guess is just past the answer
+        assert len(calls) <= 2
+
+
+class CurveMeasure(PerplexityMeasure):
+    """Ratio CURVE[k] for a model with k of `dense_layers` layers gone; the search's predictions (made
+    inside the selection) read CURVE[k + bias] instead: a guess that is wrong by `bias` layers."""
+
+    def __init__(self, bias: int, dense_layers: int = 8) -> None:
+        super().__init__(stream(), 16)
+        self.bias, self.dense_layers, self.predicted = bias, dense_layers, []
+
+    def dense(self, model):
+        return {"ppl": 10.0, "segment_nll": [0.0] * 64}
+
+    def ratio_against(self, model, dense, max_ratio):
+        import inspect
+
+        removed = self.dense_layers - len(find_layers(model).layers)
+        predicting = any(frame.function == "predict" for frame in inspect.stack())  # the search's hook
+        if predicting:
+            self.predicted.append(removed)
+        ratio = CURVE[min(max(removed + (self.bias if predicting else 0), 1), 7)]
+        return PairedRatio(ratio=ratio, stderr=0.01, perplexity=10 * ratio, segments=16, complete=False)
+
+
+@pytest.mark.parametrize(
+    ("bias", "probed"), [(0, [3, 4]), (1, [3, 4]), (-1, [3, 4, 5]), (3, [1, 2, 3, 4, 5]), (-3, [3, 4, 5, 6, 7])]
+)
+def test_predicted_search_probes_from_the_selections_in_loop_state_and_keeps_the_exact_answer(bias, probed):
+    """GradMAP's in-loop state predicts each size's quality during the one selection run; exact
+    probes start just past the predicted answer. Wrong predictions cost probes, never the answer."""
+    model, extra = make_tiny_llama(8), ids(n=16, seed=2)
+    measure = CurveMeasure(bias)
+    target = {"max_perplexity_ratio": 1.3, "max_sparsity": 0.9}  # CURVE: k = 3 is the largest within 1.3
+    found = search(
+        copy.deepcopy(model), ids(8), method="gradmap", target=target, measure=measure, compensation_data=extra
+    )
+    q = found.report["quality_target"]
+    assert q["chosen_size"] == 3 and found.report["k"] == 3
+    assert sorted(p["size"] for p in q["curve"]) == probed  # exact probes only
+    predicted = [p["size"] for p in q["predictions"]]
+    assert predicted == measure.predicted == list(range(1, len(predicted) + 1))
+    assert not q["predictions"][-1]["meets"] and all(p["meets"] for p in q["predictions"][:-1])
+    # The hook and the extra in-loop fit at the last decision change no decision.
+    single = prune(copy.deepcopy(model), ids(8), method="gradmap", target_sparsity=3 / 8, compensation_data=extra)
+    assert q["removal_order"][:3] == single.report["removal_order"]
+    assert found.report["removed_layers"] == single.report["removed_layers"]
+    for name, weight in single.model.state_dict().items():
+        assert torch.allclose(found.model.state_dict()[name], weight, atol=1e-6), name

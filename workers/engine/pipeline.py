@@ -19,6 +19,7 @@ from workers.engine.recovery import Alignment, RecoveryConfig, parse_recovery, r
 from workers.engine.registry import get_method, parse_options
 from workers.engine.resources import PeakMemory
 from workers.engine.search import ProbeResult, QualityTarget, largest_passing, no_candidate_error
+from workers.engine.search.curve import largest_passing_from
 from workers.engine.search.layers import fixed_removal, removal_order
 from workers.engine.search.measure import Measure, PerplexityMeasure
 from workers.engine.types import (
@@ -28,6 +29,7 @@ from workers.engine.types import (
     ProgressFn,
     PruneContext,
     PruneOutcome,
+    SelectionStopped,
     SparsityBasis,
     never_cancel,
     no_progress,
@@ -123,6 +125,7 @@ def run_method(
     recovery_data: torch.Tensor | None = None,
     compensation_data: torch.Tensor | None = None,
     resume_from: list[int] | None = None,
+    after_decision: Callable[[list[int], torch.nn.Module], None] | None = None,
 ) -> PruneOutcome:
     """Run one method body on `model` and add the common report fields (parameters, time, memory)."""
     before = count_parameters(model)
@@ -139,6 +142,7 @@ def run_method(
         recovery_data=recovery_data,
         compensation_data=compensation_data,
         resume_from=resume_from,
+        after_decision=after_decision,
     )
     started = time.perf_counter()
     with PeakMemory() as memory:
@@ -251,6 +255,8 @@ def search(
     Layer methods: one selector run at the largest size gives the removal order; each probe
     removes a prefix of it, compensates (as the options say) and recovers (when asked). Width
     methods: each probe prunes afresh at a parameter sparsity of the grid. `model` stays dense.
+    Every published answer is a probe's: predictions only choose where probing starts, so the
+    answer is the one a galloping search over probes gives whenever quality worsens with size.
     """
     target = target if isinstance(target, QualityTarget) else QualityTarget.model_validate(target)
     spec = get_method(method)
@@ -274,8 +280,30 @@ def search(
         dense_scored = measure.dense(model)
     dense_value = float(dense_scored["ppl"]) if dense_scored is not None else measure(model)
     common = {"progress": progress, "should_cancel": should_cancel, "seed": seed, "tokenizer": tokenizer}
+
+    def rate(model: torch.nn.Module) -> tuple[float, dict[str, Any]]:
+        """The budget metric of a pruned model and what the report keeps of its measurement."""
+        extra: dict[str, Any] = {}
+        if dense_scored is not None:
+            assert isinstance(measure, PerplexityMeasure) and target.max_perplexity_ratio is not None
+            scored = measure.ratio_against(model, dense_scored, target.max_perplexity_ratio)
+            raw, value = scored.perplexity, scored.ratio
+            extra = {"stderr": round(scored.stderr, 5), "segments": scored.segments, "complete": scored.complete}
+        else:
+            raw = measure(model)
+            value = raw / dense_value if target.max_perplexity_ratio is not None else raw
+        return value, {**extra, "metric_raw": round(raw, 5)}
+
+    def score(outcome: PruneOutcome) -> tuple[float, dict[str, Any]]:
+        value, extra = rate(outcome.model)
+        compensation = outcome.report.get("compensation") or {}
+        tokens = compensation.get("compensation_tokens") if compensation.get("enabled") else None
+        return value, {**extra, "compensation_tokens": tokens}
+
     order: list[int] | None = None
-    resumable = False
+    resumable = predicting = False
+    # Sizes predicted from the selection's own in-loop state (methods that can): where to start probing.
+    predictions: list[ProbeResult] = []
     # Probes may compensate on a slice of the job's windows (cheap); the chosen size is refitted on all.
     probe_data = compensation_data
 
@@ -305,8 +333,18 @@ def search(
         # The order needs no compensation: each probe compensates its own prefix.
         unfitted = opts.selection_only()  # type: ignore[attr-defined]  # every layer method's options have it
         # An iterative selector that can resume is only run as far as the probes need: the search
-        # then gallops up from one layer (1, 2, 4, ...) so the order stays within ~2x the answer.
+        # then gallops up from one layer (1, 2, 4, ...) so the order stays within ~2x the answer, or,
+        # where the selection can predict each size from its in-loop state, up to the first size
+        # predicted to miss; probing starts there and gallops away from it.
         resumable = spec.resumable is not None and spec.resumable(unfitted) and not target.full_curve
+        # Predictions steer a perplexity budget without recovery (they cannot see what recovery heals).
+        predicting = (
+            resumable
+            and spec.predicts is not None
+            and spec.predicts(opts)
+            and dense_scored is not None
+            and setup is None
+        )
         order = []
 
         def grow_order(k: int) -> None:
@@ -322,8 +360,34 @@ def search(
                 ).report
             )
 
+        def predict_order() -> None:
+            """Run the selection up to the first size whose in-loop state misses the budget, measuring each."""
+
+            def predict(removed: list[int], pruned: torch.nn.Module) -> None:
+                nonlocal order
+                order = list(removed)
+                progress("scoring", 0.0, f"predicting size {len(removed)} from the selection's in-loop state")
+                value, extra = rate(pruned)
+                predictions.append(ProbeResult(size=len(removed), value=value, meets=target.meets(value), extra=extra))
+                if not predictions[-1].meets:
+                    raise SelectionStopped
+
+            try:
+                run_on_copy(
+                    spec.run,
+                    k_max / n_layers,
+                    "layers",
+                    unfitted,
+                    compensation_data=compensation_data,
+                    after_decision=predict,
+                )
+            except SelectionStopped:
+                pass
+
         if not resumable:
             grow_order(k_max)
+        elif predicting:
+            predict_order()
         candidates: list[float] = list(range(1, k_max + 1))
         n_probe = target.probe_compensation_samples
         if getattr(opts, "compensation", False) and setup is None and compensation_data is not None:
@@ -350,24 +414,6 @@ def search(
 
     best: dict[str, PruneOutcome] = {}
 
-    def score(outcome: PruneOutcome) -> tuple[float, dict[str, Any]]:
-        """The budget metric of a pruned model and what the report keeps of its measurement."""
-        extra: dict[str, Any] = {}
-        if dense_scored is not None:
-            assert isinstance(measure, PerplexityMeasure) and target.max_perplexity_ratio is not None
-            scored = measure.ratio_against(outcome.model, dense_scored, target.max_perplexity_ratio)
-            raw, value = scored.perplexity, scored.ratio
-            extra = {"stderr": round(scored.stderr, 5), "segments": scored.segments, "complete": scored.complete}
-        else:
-            raw = measure(outcome.model)
-            value = raw / dense_value if target.max_perplexity_ratio is not None else raw
-        compensation = outcome.report.get("compensation") or {}
-        return value, {
-            **extra,
-            "metric_raw": round(raw, 5),
-            "compensation_tokens": compensation.get("compensation_tokens") if compensation.get("enabled") else None,
-        }
-
     def probe(size: float) -> ProbeResult:
         probe_started = time.perf_counter()
         outcome = build(size)
@@ -391,7 +437,11 @@ def search(
             best["chosen"] = outcome
         return result
 
-    found = largest_passing(candidates, probe, full=target.full_curve, gallop=resumable)
+    if predicting:  # start just past the predicted answer: usually it and the size below decide
+        predicted = max((int(p.size) for p in predictions if p.meets), default=0)
+        found = largest_passing_from(candidates, min(predicted, len(candidates) - 1), probe)
+    else:
+        found = largest_passing(candidates, probe, full=target.full_curve, gallop=resumable)
     if found.chosen is None:
         raise no_candidate_error(target.budget(), found.curve, target.metric)
     outcome = best["chosen"]
@@ -420,6 +470,8 @@ def search(
         "probe_value": round(found.chosen.value, 5),
         "refit": refit,
         "curve": [p.to_json() for p in found.curve],
+        # Quality of the selection's in-loop state at each size (not a published model): where probing started.
+        "predictions": [p.to_json() for p in predictions],
         "probes": len(found.curve),
         "removal_order": order,
         "search_seconds": round(time.perf_counter() - started, 3),

@@ -22,6 +22,9 @@ class Method:
     plan: Callable[[PretrainedConfig, float, SparsityBasis, MethodOptions], dict[str, Any]]
     # resumable(options): whether the selector continues a removal order exactly (PruneContext.resume_from).
     resumable: Callable[[MethodOptions], bool] | None = None
+    # predicts(options): whether the selector calls PruneContext.after_decision with a model close to
+    # what a single job publishes at that size (in-loop compensation), so a search can predict from it.
+    predicts: Callable[[MethodOptions], bool] | None = None
 
 
 _METHODS: dict[str, Method] = {}

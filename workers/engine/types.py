@@ -55,6 +55,11 @@ class JobCancelled(Exception):
     """Raised inside the engine when the cancel check returns True."""
 
 
+class SelectionStopped(Exception):
+    """Raised by a `PruneContext.after_decision` hook to end an iterative selection early: a quality
+    search has seen as much of the removal order as it needs."""
+
+
 class MethodOptions(BaseModel):
     """Base class of every method's options; unknown keys are an error, not silently ignored."""
 
@@ -82,6 +87,10 @@ class PruneContext:
     # Layers an earlier run of the same iterative selector already removed, in its order: the
     # selector continues from them (a quality search grows its removal order only as far as needed).
     resume_from: list[int] | None = None
+    # Called after every decision of a selector that supports it (GradMAP), with the removal order so
+    # far and the model as the selection sees it (removed layers skipped, in-loop projections merged).
+    # A quality search predicts each size's quality from it; raising SelectionStopped ends the run.
+    after_decision: Callable[[list[int], torch.nn.Module], None] | None = None
 
     def check_cancel(self) -> None:
         if self.should_cancel():

@@ -184,11 +184,15 @@ def select(inp: SelectorInput) -> Selection:
                     counter["lookahead_forwards"] += len(losses)
                     extra["lookahead_losses"] = {str(layer): loss for layer, loss in sorted(losses.items())}
                 removed.append(chosen)
-                if in_loop is not None and step + 1 < inp.k:
+                # The last decision's fit only serves a hook (a search predicting from this state).
+                if in_loop is not None and (step + 1 < inp.k or ctx.after_decision is not None):
                     extra.update(in_loop.after_cut(removed, chosen))
                     in_loop_seconds += float(extra["in_loop_compensation_seconds"])  # type: ignore[arg-type]
                 seconds = round(time.perf_counter() - started, 4)
                 decisions.append(decision(step, scores, chosen, seconds=seconds, **extra))
+                if ctx.after_decision is not None:
+                    with layer_subset(ctx.model, [i for i in range(inp.n_layers) if i not in set(removed)]):
+                        ctx.after_decision(list(removed), ctx.model)
         finally:
             if in_loop is not None:
                 in_loop.restore()
@@ -220,4 +224,7 @@ register_layer_method(
     select,
     # In-loop projections of earlier cuts shape later scores: a resumed run refits them first.
     resumable=lambda options: options.iterative,
+    # After each decision the selection holds the pruned model with its in-loop projections: close to
+    # what the final compensation gives, so a quality search predicts each size's quality from it.
+    predicts=lambda options: options.iterative and options.compensation and options.in_loop(),
 )

@@ -335,6 +335,7 @@ def register_layer_method(
     select: Selector,
     deterministic: Callable[..., list[int]] | None = None,
     resumable: Callable[[Any], bool] | None = None,
+    predicts: Callable[[Any], bool] | None = None,
 ) -> None:
     """Register a layer method: all layer methods share the run skeleton and the plan."""
     from workers.engine.registry import Method, register
@@ -357,5 +358,6 @@ def register_layer_method(
             run=run,
             plan=plan,
             resumable=resumable,
+            predicts=predicts,
         )
     )

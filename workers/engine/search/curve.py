@@ -45,11 +45,11 @@ def largest_passing(
     gap: the most-pruned candidate probed stays within about twice the answer, which is what makes
     a lazily grown removal order cheap. Plain bisection starts in the middle instead.
     """
-    curve: list[ProbeResult] = []
     if full:
         curve = [probe(size) for size in candidates]
         passing = [p for p in curve if p.meets]
         return SearchResult(chosen=passing[-1] if passing else None, curve=curve)
+    curve: list[ProbeResult] = []
     lo, hi, best = 0, len(candidates) - 1, None
     at = 0
     while gallop and at <= hi:  # positions 0, 1, 3, 7, ... (then the last one)
@@ -62,6 +62,52 @@ def largest_passing(
         at = 2 * at + 1
         if at > hi and lo <= hi:
             at = hi
+    return _bisect(candidates, lo, hi, best, probe, curve)
+
+
+def largest_passing_from(
+    candidates: Sequence[float], start: int, probe: Callable[[float], ProbeResult]
+) -> SearchResult:
+    """`largest_passing` from a guess: probe `candidates[start]`, then step away from it by 1, 2, 4, ...
+    positions (up while probes meet, down while they fail) and bisect the last gap. A guess just
+    past the answer costs two probes, one that is off by one three.
+    """
+    curve: list[ProbeResult] = []
+
+    def run(position: int) -> ProbeResult:
+        result = probe(candidates[position])
+        curve.append(result)
+        return result
+
+    lo, hi, best, step = 0, len(candidates) - 1, None, 1
+    if run(start).meets:
+        best, lo = curve[-1], start + 1
+        while lo <= hi:
+            result = run(at := min(start + step, hi))
+            if not result.meets:
+                hi = at - 1
+                break
+            best, lo, step = result, at + 1, 2 * step
+    else:
+        hi = start - 1
+        while lo <= hi:
+            result = run(at := max(start - step, lo))
+            if result.meets:
+                best, lo = result, at + 1
+                break
+            hi, step = at - 1, 2 * step
+    return _bisect(candidates, lo, hi, best, probe, curve)
+
+
+def _bisect(
+    candidates: Sequence[float],
+    lo: int,
+    hi: int,
+    best: ProbeResult | None,
+    probe: Callable[[float], ProbeResult],
+    curve: list[ProbeResult],
+) -> SearchResult:
+    """Bisect positions lo..hi, knowing everything below lo passes (`best`, the largest) and above hi fails."""
     while lo <= hi:
         mid = (lo + hi) // 2
         result = probe(candidates[mid])
