@@ -50,6 +50,9 @@ def main() -> None:
     parser.add_argument(
         "--probe-compensation-samples", type=int, default=None, help="the target's option (default: its default)"
     )
+    parser.add_argument(
+        "--no-predict", action="store_true", help="gallop up from one layer instead of probing from the prediction"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -73,6 +76,7 @@ def main() -> None:
         max_sparsity=args.max_sparsity,
         eval_tokens=args.eval_tokens,
         full_curve=args.full_curve,
+        predict=not args.no_predict,
         **probe_option,
     )
     measure = perplexity_measure(tokenize_text(tokenizer, text, target.eval_tokens), target.seq_len)
@@ -131,6 +135,11 @@ def main() -> None:
                     for key in ("size", "value", "stderr", "segments", "meets", "seconds", "compensation_tokens")
                 }
                 for p in q["curve"]
+            ],
+            "predict": target.predict,
+            "predictions": [
+                {key: p.get(key) for key in ("size", "value", "stderr", "segments", "meets", "seconds")}
+                for p in q.get("predictions", [])
             ],
             "refit": q.get("refit"),
             "removed_layers": found.report.get("removed_layers"),

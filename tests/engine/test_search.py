@@ -440,3 +440,13 @@ def test_predicted_search_probes_from_the_selections_in_loop_state_and_keeps_the
     assert found.report["removed_layers"] == single.report["removed_layers"]
     for name, weight in single.model.state_dict().items():
         assert torch.allclose(found.model.state_dict()[name], weight, atol=1e-6), name
+
+
+def test_search_without_predictions_gallops_up_from_one_layer():
+    model, extra = make_tiny_llama(8), ids(n=16, seed=2)
+    target = {"max_perplexity_ratio": 1.3, "max_sparsity": 0.9, "predict": False}
+    measure = CurveMeasure(0)
+    found = search(model, ids(8), method="gradmap", target=target, measure=measure, compensation_data=extra)
+    q = found.report["quality_target"]
+    assert q["chosen_size"] == 3 and [p["size"] for p in q["curve"]] == [1, 2, 3, 4]
+    assert q["predictions"] == [] and measure.predicted == []

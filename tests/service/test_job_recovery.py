@@ -109,6 +109,26 @@ def test_quality_target_job_publishes_the_chosen_model_and_curve(api: Api, model
     assert "No candidate meets the budget" in job["error"]["message"]
 
 
+def test_gradmap_quality_target_job_predicts_every_size_from_its_one_selection(api: Api, model_root: Path) -> None:
+    held_out = upload(api, "held.txt", OTHER).json()
+    target = {
+        "max_perplexity_ratio": 1000,
+        "perplexity_set": f"dataset:{held_out['id']}",
+        "max_sparsity": 0.34,
+        "eval_tokens": 256,
+        "seq_len": 32,
+    }
+    body = tiny_job(model_root, method="gradmap", target=target)
+    body.pop("target_sparsity")
+    status, job = run(api, body)
+    assert status == "succeeded", job["error"]
+    q = job["result"]["quality_target"]
+    assert [p["size"] for p in q["predictions"]] == [1, 2] and all(p["meets"] for p in q["predictions"])
+    # Both sizes were predicted within the budget: one exact probe, at the largest, decides.
+    assert q["chosen_size"] == 2 and [p["size"] for p in q["curve"]] == [2]
+    assert job["result"]["removed_layers"] == sorted(q["removal_order"][:2])
+
+
 def test_cancel_during_recovering_publishes_nothing(api: Api, model_root: Path) -> None:
     sessions = api.client.app.state.services.sessions
     long_recovery = {**RECOVERY, "steps": 1_000_000}

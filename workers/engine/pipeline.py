@@ -340,6 +340,7 @@ def search(
         # Predictions steer a perplexity budget without recovery (they cannot see what recovery heals).
         predicting = (
             resumable
+            and target.predict
             and spec.predicts is not None
             and spec.predicts(opts)
             and dense_scored is not None
@@ -367,7 +368,9 @@ def search(
                 nonlocal order
                 order = list(removed)
                 progress("scoring", 0.0, f"predicting size {len(removed)} from the selection's in-loop state")
+                measured = time.perf_counter()
                 value, extra = rate(pruned)
+                extra["seconds"] = round(time.perf_counter() - measured, 3)
                 predictions.append(ProbeResult(size=len(removed), value=value, meets=target.meets(value), extra=extra))
                 if not predictions[-1].meets:
                     raise SelectionStopped

@@ -28,6 +28,14 @@ class QualityTarget(BaseModel):
     full_curve: bool = Field(
         False, description="Probe every candidate (the whole size/quality curve) instead of a binary search."
     )
+    predict: bool = Field(
+        True,
+        description=(
+            "Methods whose selection holds a compensated model after each decision (GradMAP with in-loop "
+            "compensation) measure it at every size as they go, and exact probes start just past the predicted "
+            "answer, usually two of them. Off: probes gallop up from one layer. The answer is a probe's either way."
+        ),
+    )
     probe_compensation_samples: int = Field(
         0,
         ge=0,
