@@ -328,7 +328,7 @@ def run_prune(args: argparse.Namespace) -> int:
         summary["recovery"] = {k: rec.get(k) for k in ("method", "train", "steps_run", "tokens_trained", "seconds")}
     if "quality_target" in outcome.report:
         q = outcome.report["quality_target"]
-        summary["quality_target"] = {k: q[k] for k in ("chosen_size", "chosen_value", "curve")}
+        summary["quality_target"] = {k: q[k] for k in ("chosen_size", "chosen_value", "curve", "predictions")}
     summary["out"] = str(args.out)
     summary["files"] = len(files)
     print(json.dumps(summary, indent=2))
