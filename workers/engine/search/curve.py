@@ -45,11 +45,11 @@ def largest_passing(
     gap: the most-pruned candidate probed stays within about twice the answer, which is what makes
     a lazily grown removal order cheap. Plain bisection starts in the middle instead.
     """
+    curve: list[ProbeResult] = []
     if full:
         curve = [probe(size) for size in candidates]
         passing = [p for p in curve if p.meets]
         return SearchResult(chosen=passing[-1] if passing else None, curve=curve)
-    curve: list[ProbeResult] = []
     lo, hi, best = 0, len(candidates) - 1, None
     at = 0
     while gallop and at <= hi:  # positions 0, 1, 3, 7, ... (then the last one)
