@@ -65,6 +65,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--runs", default=str(REPO / "docs" / "benchmarks" / "layer-pruning-smollm2-eval2.json"))
+    parser.add_argument(
+        "--gradmap-run",
+        default=ROWS["gradmap (default)"][1],
+        help="key of GradMAP's default selection in --runs (gradmap[inc32] in the Gemma-3 file)",
+    )
     parser.add_argument("--k", type=int, default=6)
     parser.add_argument("--limit", type=int, default=500)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
@@ -87,6 +92,7 @@ def main() -> None:
         if name in rows:
             continue
         method, selection = ROWS[name]
+        selection = args.gradmap_run if method == "gradmap" else selection
         found = [r for key, r in runs.items() if key.rsplit("@", 1)[0] == selection and r["k"] >= args.k]
         removed = sorted(min(found, key=lambda r: r["k"])["removal_order"][: args.k])
         print(name, removed, flush=True)
