@@ -205,7 +205,11 @@ def run(args) -> None:
         print(f"evaluating {key}: remove {removed}", flush=True)
         model = load(checkpoint)
         entry: dict[str, Any] = {
-            "method": selector, "compensation": comp is not None, "k": k, "removed_layers": removed, "tag": tag,
+            "method": selector,
+            "compensation": comp is not None,
+            "k": k,
+            "removed_layers": removed,
+            "tag": tag,
         }
         if comp is not None:
             started = time.perf_counter()
@@ -213,9 +217,11 @@ def run(args) -> None:
             entry["compensation_options"] = comp
             entry["compensation_seconds"] = round(time.perf_counter() - started, 2)
         remove_layers(model, removed)
-        with_zero_shot = any(abs(ratio - r) < 1e-9 for r in args.zs_ratios) and (
-            not args.zs_methods or f"{selector}{'+comp' if comp is not None else ''}" in args.zs_methods
-        ) and not tag
+        with_zero_shot = (
+            any(abs(ratio - r) < 1e-9 for r in args.zs_ratios)
+            and (not args.zs_methods or f"{selector}{'+comp' if comp is not None else ''}" in args.zs_methods)
+            and not tag
+        )
         entry.update(evaluate(model, tokenizer, data, args, zero_shot_on=with_zero_shot))
         evals[key] = entry
         save(out_path, results)
@@ -282,8 +288,9 @@ def print_pivots(res: dict[str, Any]) -> None:
         print("| method | " + " | ".join(f"k={k}" for k in ks) + " |")
         print("|---|" + "---|" * len(ks))
         pick = max if metric == "zero_shot_avg_acc" else min  # accuracy: higher is better
-        best = {k: pick((row[k][metric] for row in by_label.values() if metric in row.get(k, {})), default=None)
-                for k in ks}
+        best = {
+            k: pick((row[k][metric] for row in by_label.values() if metric in row.get(k, {})), default=None) for k in ks
+        }
         rows = sorted(by_label.items(), key=lambda item: item[1].get(ks[-1], {}).get(metric, math.inf))
         for name, row in rows:
             if not any(metric in row.get(k, {}) for k in ks):
@@ -312,13 +319,17 @@ def print_precise(res: dict[str, Any], references: tuple[str, ...] = ("gradmap +
     entries = [e for key, e in res["evals"].items() if key != "dense" and "wikitext2_ppl_stderr" in e]
     dense = res["evals"].get("dense")
     if dense is not None:
-        print(f"\nDense: WikiText-2 {dense['wikitext2_ppl']:.2f} ± {dense.get('wikitext2_ppl_stderr', 0):.2f}, "
-              f"PTB {dense['ptb_ppl']:.2f} ± {dense.get('ptb_ppl_stderr', 0):.2f}")
+        print(
+            f"\nDense: WikiText-2 {dense['wikitext2_ppl']:.2f} ± {dense.get('wikitext2_ppl_stderr', 0):.2f}, "
+            f"PTB {dense['ptb_ppl']:.2f} ± {dense.get('ptb_ppl_stderr', 0):.2f}"
+        )
     for k in sorted({e["k"] for e in entries}):
         rows = sorted((e for e in entries if e["k"] == k), key=lambda e: e["wikitext2_ppl"])
         refs = [next((e for e in rows if label(e) == name), None) for name in references]
-        print(f"\nk={k}: perplexity ± standard error; paired = ratio to the named row (z of the paired "
-              "per-segment NLL difference; |z| < 2 is a tie)\n")
+        print(
+            f"\nk={k}: perplexity ± standard error; paired = ratio to the named row (z of the paired "
+            "per-segment NLL difference; |z| < 2 is a tie)\n"
+        )
         heads = " | ".join(f"wiki vs {name} | PTB vs {name}" for name in references)
         print(f"| method | WikiText-2 | PTB | {heads} | comp tokens | comp s |")
         print("|---|---|---|" + "---|---|" * len(references) + "---|---|")
@@ -395,9 +406,13 @@ def report(args) -> None:
         series = {n: p for n, p in series.items() if "[" not in n.split(" ")[-1] and len(p) == n_ratios}
         for name, points in sorted(series.items()):
             points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                    label=name + (" (off scale)" if name == "random" else ""),
-                    linestyle="-" if "gradmap" in name else "--")
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                marker="o",
+                label=name + (" (off scale)" if name == "random" else ""),
+                linestyle="-" if "gradmap" in name else "--",
+            )
         dense_ppl = res["evals"]["dense"]["wikitext2_ppl"]
         ax.axhline(dense_ppl, color="gray", linewidth=0.8, label="dense")
         # Random removal explodes by orders of magnitude; scale the axis to the real contenders.
@@ -436,22 +451,24 @@ def report(args) -> None:
         print("|" + "---|" * (head.count("|") - 1))
         zs = f" {dense['zero_shot_avg_acc']:.3f} |" if has_zs else ""
         print(f"| dense | 0 | - | {dense['wikitext2_ppl']:.2f} | {dense['ptb_ppl']:.2f} |{zs}")
-        rows = sorted(
-            (e for k, e in res["evals"].items() if k != "dense"), key=lambda e: (e["k"], e["wikitext2_ppl"])
-        )
+        rows = sorted((e for k, e in res["evals"].items() if k != "dense"), key=lambda e: (e["k"], e["wikitext2_ppl"]))
         for e in rows:
             comp = ""
             if e["compensation"]:
                 c = e["compensation_report"]
                 comp = f" (comp {'kept' if c['kept'] else 'rejected'} @L{c.get('layers')})"
             zs = (f" {e['zero_shot_avg_acc']:.3f} |" if "zero_shot_avg_acc" in e else " - |") if has_zs else ""
-            print(f"| {label(e)}{comp} | {e['k']} | {e['removed_layers']} | {e['wikitext2_ppl']:.2f} | "
-                  f"{e['ptb_ppl']:.2f} |{zs}")
+            print(
+                f"| {label(e)}{comp} | {e['k']} | {e['removed_layers']} | {e['wikitext2_ppl']:.2f} | "
+                f"{e['ptb_ppl']:.2f} |{zs}"
+            )
         print("\n| selector | k | pruning s | scoring s | fwd passes | bwd passes | peak RSS MiB |")
         print("|---|---|---|---|---|---|---|")
         for r in sorted(res["runs"].values(), key=lambda r: (r["k"], r["selector"])):
-            print(f"| {r['selector']} | {r['k']} | {r['pruning_seconds']:.1f} | {r['timings']['scoring']:.1f} | "
-                  f"{r['forward_passes']} | {r['backward_passes']} | {r['peak_memory']['peak_rss_mib']:.0f} |")
+            print(
+                f"| {r['selector']} | {r['k']} | {r['pruning_seconds']:.1f} | {r['timings']['scoring']:.1f} | "
+                f"{r['forward_passes']} | {r['backward_passes']} | {r['peak_memory']['peak_rss_mib']:.0f} |"
+            )
 
 
 def main() -> None:

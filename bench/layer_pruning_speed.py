@@ -30,15 +30,22 @@ from workers.engine.modelzoo import builtin_checkpoint  # noqa: E402
 from workers.engine.pipeline import prune  # noqa: E402
 
 
-def timed_prune(checkpoint: Path, method: str, ratio: float, data: dict[str, torch.Tensor],
-                options: dict[str, Any]) -> dict[str, Any]:
+def timed_prune(
+    checkpoint: Path, method: str, ratio: float, data: dict[str, torch.Tensor], options: dict[str, Any]
+) -> dict[str, Any]:
     """One pruning run from a fresh model: wall time, the engine's stage timings and the choice."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     started = time.perf_counter()
-    report = prune(model, data["calibration"], method=method, target_sparsity=ratio, options=options,
-                   compensation_data=data["compensation"]).report
+    report = prune(
+        model,
+        data["calibration"],
+        method=method,
+        target_sparsity=ratio,
+        options=options,
+        compensation_data=data["compensation"],
+    ).report
     wall = time.perf_counter() - started
     comp = report.get("compensation") or {}
     return {
@@ -64,8 +71,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--comp-samples", type=int, default=256, help="compensation windows drawn")
-    parser.add_argument("--gradmap-variants", type=json.loads, default={"gradmap": {}},
-                        help='named GradMAP option sets, JSON: {"gradmap": {}, "s64": {"compensation_samples": 64}}')
+    parser.add_argument(
+        "--gradmap-variants",
+        type=json.loads,
+        default={"gradmap": {}},
+        help='named GradMAP option sets, JSON: {"gradmap": {}, "s64": {"compensation_samples": 64}}',
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     checkpoint = builtin_checkpoint("smollm2-135m", REPO / ".slimforge" / "models")

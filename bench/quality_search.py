@@ -36,6 +36,12 @@ from workers.engine.pipeline import prune, search  # noqa: E402
 from workers.engine.search import QualityTarget, perplexity_measure  # noqa: E402
 
 
+def fields(points: list[dict], *extra: str) -> list[dict]:
+    """What a row keeps of each probe or prediction."""
+    keys = ("size", "value", "stderr", "segments", "meets", "seconds", *extra)
+    return [{key: point.get(key) for key in keys} for point in points]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin:smollm2-135m")
@@ -129,18 +135,9 @@ def main() -> None:
             "full_measure": args.full_measure,
             "compensation_samples": n_comp,
             "probe_compensation_samples": target.probe_compensation_samples,
-            "curve": [
-                {
-                    key: p.get(key)
-                    for key in ("size", "value", "stderr", "segments", "meets", "seconds", "compensation_tokens")
-                }
-                for p in q["curve"]
-            ],
+            "curve": fields(q["curve"], "compensation_tokens"),
             "predict": target.predict,
-            "predictions": [
-                {key: p.get(key) for key in ("size", "value", "stderr", "segments", "meets", "seconds")}
-                for p in q.get("predictions", [])
-            ],
+            "predictions": fields(q.get("predictions", [])),
             "refit": q.get("refit"),
             "removed_layers": found.report.get("removed_layers"),
             "search_timings": {"order_grown_to": len(q.get("removal_order") or [])},

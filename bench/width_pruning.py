@@ -108,31 +108,67 @@ def cmd_run(args) -> None:
     streams = eval_streams(tokenizer, args.eval_tokens, args.ppl_seq_len, bos)
     base = {"model": args.model, "target": args.target, "options": json.loads(args.options)}
     if not args.skip_dense:
-        emit(out, {**base, "config": "dense", "parameters": count_parameters(model),
-                   **evaluate(model, tokenizer, streams, args)})
+        emit(
+            out,
+            {
+                **base,
+                "config": "dense",
+                "parameters": count_parameters(model),
+                **evaluate(model, tokenizer, streams, args),
+            },
+        )
     lora_for = set(args.lora_for.split(",")) if args.lora_for else set()
     for importance in args.importance.split(","):
         model, tokenizer = load_model(args.model, cache_dir=CACHE)
         options = {**base["options"], "importance": importance}
-        outcome = prune(model, calibration, method="llm_pruner", target_sparsity=args.target,
-                        sparsity_basis="parameters", options=options, seed=0)
+        outcome = prune(
+            model,
+            calibration,
+            method="llm_pruner",
+            target_sparsity=args.target,
+            sparsity_basis="parameters",
+            options=options,
+            seed=0,
+        )
         r = outcome.report
         record = {
-            **base, "config": importance, "lora": False,
-            "parameters": r["parameters_after"], "achieved_sparsity": round(r["achieved_parameter_sparsity"], 5),
-            "attention_ratio": r["attention_ratio"], "mlp_ratio": r["mlp_ratio"],
-            "pruning_seconds": r["pruning_seconds"], "peak_memory": r["peak_memory"],
+            **base,
+            "config": importance,
+            "lora": False,
+            "parameters": r["parameters_after"],
+            "achieved_sparsity": round(r["achieved_parameter_sparsity"], 5),
+            "attention_ratio": r["attention_ratio"],
+            "mlp_ratio": r["mlp_ratio"],
+            "pruning_seconds": r["pruning_seconds"],
+            "peak_memory": r["peak_memory"],
             "artifact_format": r["artifact_format"],
         }
         emit(out, {**record, **evaluate(outcome.model, tokenizer, streams, args)})
         if importance in lora_for:
             merged, result = lora_recover(
-                outcome.model, recovery, steps=args.lora_steps, lr=args.lora_lr, r=8, alpha=16, dropout=0.05,
-                batch_size=args.lora_batch, seq_len=None, seed=0, on_step=lambda *a: None,
+                outcome.model,
+                recovery,
+                steps=args.lora_steps,
+                lr=args.lora_lr,
+                r=8,
+                alpha=16,
+                dropout=0.05,
+                batch_size=args.lora_batch,
+                seq_len=None,
+                seed=0,
+                on_step=lambda *a: None,
             )
-            emit(out, {**record, "config": f"{importance}+lora", "lora": True, "lora_seconds": result.seconds,
-                       "lora_loss_first_last": [result.losses[0], result.losses[-1]],
-                       **evaluate(merged, tokenizer, streams, args)})
+            emit(
+                out,
+                {
+                    **record,
+                    "config": f"{importance}+lora",
+                    "lora": True,
+                    "lora_seconds": result.seconds,
+                    "lora_loss_first_last": [result.losses[0], result.losses[-1]],
+                    **evaluate(merged, tokenizer, streams, args),
+                },
+            )
         del model, outcome
 
 
@@ -148,10 +184,13 @@ def cmd_report(args) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         sub = [r for r in rows if r["model"] == model]
-        lines += [f"### {model}", "",
-                  "| config | params (M) | removed | wiki2 PPL | PTB PPL | zero-shot avg (acc_norm) | prune s "
-                  "| peak RSS MiB | tokens/s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {model}",
+            "",
+            "| config | params (M) | removed | wiki2 PPL | PTB PPL | zero-shot avg (acc_norm) | prune s "
+            "| peak RSS MiB | tokens/s |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in sub:
             removed = "-" if r["config"] == "dense" else f"{r['achieved_sparsity']:.2%}"
             prune_s = r.get("pruning_seconds", "-")

@@ -73,18 +73,24 @@ def test_size_is_target_sparsity_or_target_never_both(api: Api, model_root: Path
     assert_problem(api.post("/v1/jobs", json=bad), 422, "validation_error")
 
 
-def test_quality_target_job_publishes_the_chosen_model_and_curve(api: Api, model_root: Path) -> None:
+def held_out_budget_job(api: Api, model_root: Path, target: dict[str, object], **job: object) -> dict[str, object]:
+    """A tiny job with a loose perplexity budget on an uploaded held-out text, instead of a sparsity."""
     held_out = upload(api, "held.txt", OTHER).json()
-    target = {
+    budget = {
         "max_perplexity_ratio": 1000,
         "perplexity_set": f"dataset:{held_out['id']}",
         "max_sparsity": 0.34,
         "eval_tokens": 256,
         "seq_len": 32,
-        "full_curve": True,
+        **target,
     }
-    body = tiny_job(model_root, target=target)
+    body = tiny_job(model_root, target=budget, **job)
     body.pop("target_sparsity")
+    return body
+
+
+def test_quality_target_job_publishes_the_chosen_model_and_curve(api: Api, model_root: Path) -> None:
+    body = held_out_budget_job(api, model_root, {"full_curve": True})
     plan = api.post("/v1/jobs?dry_run=true", json={**body, "recovery": RECOVERY}).json()["plan"]
     assert plan["quality_target"]["max_perplexity_ratio"] == 1000
     assert plan["recovery"]["tokens"] == 2 * 2 * 16 and plan["recovery"]["estimated_seconds"] >= 0
@@ -110,16 +116,7 @@ def test_quality_target_job_publishes_the_chosen_model_and_curve(api: Api, model
 
 
 def test_gradmap_quality_target_job_predicts_every_size_from_its_one_selection(api: Api, model_root: Path) -> None:
-    held_out = upload(api, "held.txt", OTHER).json()
-    target = {
-        "max_perplexity_ratio": 1000,
-        "perplexity_set": f"dataset:{held_out['id']}",
-        "max_sparsity": 0.34,
-        "eval_tokens": 256,
-        "seq_len": 32,
-    }
-    body = tiny_job(model_root, method="gradmap", target=target)
-    body.pop("target_sparsity")
+    body = held_out_budget_job(api, model_root, {}, method="gradmap")
     status, job = run(api, body)
     assert status == "succeeded", job["error"]
     q = job["result"]["quality_target"]

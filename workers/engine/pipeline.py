@@ -348,18 +348,18 @@ def search(
         )
         order = []
 
+        def select(k: int, **extra: Any) -> PruneOutcome:
+            """A selection-only run to k layers; the compensation windows too, since in-loop
+            compensation fits on them as in a single job."""
+            return run_on_copy(spec.run, k / n_layers, "layers", unfitted, compensation_data=compensation_data, **extra)
+
         def grow_order(k: int) -> None:
             """Extend the removal order to k layers (resumable selectors continue where they stopped)."""
             nonlocal order
             if len(order or []) >= k:
                 return
             resume = {"resume_from": order} if resumable else {}
-            # The compensation windows too: in-loop compensation fits on them, as in a single job.
-            order = removal_order(
-                run_on_copy(
-                    spec.run, k / n_layers, "layers", unfitted, compensation_data=compensation_data, **resume
-                ).report
-            )
+            order = removal_order(select(k, **resume).report)
 
         def predict_order() -> None:
             """Run the selection up to the first size whose in-loop state misses the budget, measuring each."""
@@ -376,14 +376,7 @@ def search(
                     raise SelectionStopped
 
             try:
-                run_on_copy(
-                    spec.run,
-                    k_max / n_layers,
-                    "layers",
-                    unfitted,
-                    compensation_data=compensation_data,
-                    after_decision=predict,
-                )
+                select(k_max, after_decision=predict)
             except SelectionStopped:
                 pass
 

@@ -191,7 +191,7 @@ def select(inp: SelectorInput) -> Selection:
                 seconds = round(time.perf_counter() - started, 4)
                 decisions.append(decision(step, scores, chosen, seconds=seconds, **extra))
                 if ctx.after_decision is not None:
-                    with layer_subset(ctx.model, [i for i in range(inp.n_layers) if i not in set(removed)]):
+                    with layer_subset(ctx.model, [i for i in keep if i != chosen]):
                         ctx.after_decision(list(removed), ctx.model)
         finally:
             if in_loop is not None:
