@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -47,6 +49,35 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def embedded_server(data_dir: Path, cwd: Path, **env: str) -> Iterator[httpx.Client]:
+    """`slimforge serve` on the embedded default over `data_dir` (extra `env` settings), and a client
+    with the bootstrap key; the server stops on exit."""
+    port = free_port()
+    env = {**os.environ, "SLIMFORGE_DATA_DIR": str(data_dir), "SLIMFORGE_BOOTSTRAP_KEY": KEY, **env}
+    server = subprocess.Popen(
+        [str(REPO / ".venv/bin/slimforge"), "serve", "--port", str(port)],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEY}"}, timeout=30
+        )
+        for _ in range(120):
+            try:
+                if client.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        yield client
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def fwd_bwd_seconds(model_dir: Path, repeats: int) -> list[float]:
@@ -96,9 +127,10 @@ def load_downloaded(client: httpx.Client, job_id: str, into: Path) -> dict:
     }
 
 
-def run_job(client: httpx.Client) -> dict:
+def run_job(client: httpx.Client, body: dict = JOB) -> dict:
+    """Submit `body`, poll it to the end, and time it from submit to end and per stage."""
     submitted = time.perf_counter()
-    job = client.post("/v1/jobs", json=JOB).raise_for_status().json()
+    job = client.post("/v1/jobs", json=body).raise_for_status().json()
     progress = []
     while True:
         state = client.get(f"/v1/jobs/{job['id']}").raise_for_status().json()
@@ -121,6 +153,7 @@ def run_job(client: httpx.Client) -> dict:
         "timings": (state["result"] or {}).get("timings"),
         "heldout": (state["result"] or {}).get("heldout"),
         "removed_layers": (state["result"] or {}).get("removed_layers"),
+        "quality_target": (state["result"] or {}).get("quality_target"),
         "artifact": (state["result"] or {}).get("artifact"),
         "progress_monotonic": all(b >= a for a, b in zip(progress, progress[1:], strict=False)),
         "id": job["id"],
@@ -138,30 +171,9 @@ def main() -> int:
         data_dir = Path(tmp) / "data"
         model_dir = builtin_checkpoint("smollm2-135m", data_dir / "models")  # dequantise before the clock
         before = fwd_bwd_seconds(model_dir, args.fwd_bwd_repeats)
-        port = free_port()
-        env = {**os.environ, "SLIMFORGE_DATA_DIR": str(data_dir), "SLIMFORGE_BOOTSTRAP_KEY": KEY}
-        server = subprocess.Popen(
-            [str(REPO / ".venv/bin/slimforge"), "serve", "--port", str(port)],
-            env=env,
-            cwd=tmp,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            client = httpx.Client(
-                base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEY}"}, timeout=30
-            )
-            for _ in range(120):
-                try:
-                    if client.get("/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.5)
+        with embedded_server(data_dir, Path(tmp)) as client:
             jobs = [run_job(client) for _ in range(args.repeat)]
             downloaded = load_downloaded(client, jobs[0]["id"], Path(tmp) / "download")
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
         after = fwd_bwd_seconds(model_dir, args.fwd_bwd_repeats)
 
     unit = statistics.median(before + after)

@@ -32,7 +32,12 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from width_pruning import CACHE, DATA, emit, eval_streams, evaluate, with_bos  # noqa: E402
 
-from workers.engine.calibration import token_batches  # noqa: E402
+from workers.engine.calibration import (  # noqa: E402
+    compensation_batch,
+    self_generated_batches,
+    self_generated_compensation,
+    token_batches,
+)
 from workers.engine.evaluation.paired import paired_average_difference  # noqa: E402
 from workers.engine.modelzoo import load_model  # noqa: E402
 from workers.engine.pipeline import RecoverySetup, apply_recovery, prepare_recovery, prune  # noqa: E402
@@ -48,7 +53,11 @@ VARIANTS = {
 
 
 def recovery_config(variant: str, data_name: str, args) -> RecoveryConfig:
-    data = {"data": "dataset", "dataset_id": "wikitext2-first-half"} if data_name == "wikitext2" else {}
+    # The first half of WikiText-2's validation file stands for an uploaded dataset ("mix": half of it, half sampled).
+    data = {
+        "wikitext2": {"data": "dataset", "dataset_id": "wikitext2-first-half"},
+        "mix": {"data": "mix", "dataset_id": "wikitext2-first-half"},
+    }.get(data_name, {})
     return RecoveryConfig(
         **VARIANTS[variant],
         **data,
@@ -69,11 +78,32 @@ def recovery_config(variant: str, data_name: str, args) -> RecoveryConfig:
     )
 
 
-def pruned_outcome(model, tokenizer, calibration, args):
+def pruning_data(model, tokenizer, first_half: str, bos, args) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(calibration, compensation windows) as a job builds them from --calibration's source.
+
+    `wikitext2`: windows of the first half of the validation file; `self_generated`: text sampled
+    from the dense model (no corpus at all). Compensation takes --compensation-samples windows of
+    the same source, as a job does (the service's budgets: 128 on a dataset, 32 self-generated);
+    0 fits on the calibration batch, as the rows before 7 Dec did.
+    """
+    n_comp = args.compensation_samples
+    if args.calibration == "self_generated":
+        calibration = self_generated_batches(model, tokenizer, args.calib_samples, args.calib_len, seed=0)
+        comp = self_generated_compensation(model, tokenizer, calibration, n_comp, seed=0) if n_comp else None
+        return calibration, comp
+    calibration = with_bos(token_batches(tokenizer, [first_half], args.calib_samples, args.calib_len, seed=0), bos)
+    if not n_comp:
+        return calibration, None
+    extra = with_bos(token_batches(tokenizer, [first_half], n_comp, args.calib_len, seed=2), bos)
+    return calibration, compensation_batch(calibration, extra, n_comp)
+
+
+def pruned_outcome(model, tokenizer, calibration, compensation, args):
     """GradMAP/LLM-Pruner on the calibration, or the same result from --pruned-cache (saves ~10-25 min per run)."""
-    key = hashlib.sha256(
-        json.dumps([args.model, args.method, args.target, args.options, args.calib_samples, args.calib_len]).encode()
-    ).hexdigest()
+    fields = [args.model, args.method, args.target, args.options, args.calib_samples, args.calib_len]
+    if args.calibration != "wikitext2" or args.compensation_samples != 0:  # keys of the older runs stay valid
+        fields += [args.calibration, args.compensation_samples]
+    key = hashlib.sha256(json.dumps(fields).encode()).hexdigest()
     path = Path(args.pruned_cache) / f"{key[:16]}.pt" if args.pruned_cache else None
     if path is not None and path.exists():
         print(f"pruned model from {path}", flush=True)
@@ -88,6 +118,7 @@ def pruned_outcome(model, tokenizer, calibration, args):
         options=json.loads(args.options),
         seed=0,
         tokenizer=tokenizer,
+        compensation_data=compensation,
     )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +137,7 @@ def cmd_run(args) -> None:
     wiki = (DATA / "wikitext2-valid.txt").read_text(encoding="utf-8")
     first_half = wiki[: len(wiki) // 2]
     bos = tokenizer.bos_token_id if model.config.model_type.startswith("gemma") else None
-    calibration = with_bos(token_batches(tokenizer, [first_half], args.calib_samples, args.calib_len, seed=0), bos)
+    calibration, compensation = pruning_data(model, tokenizer, first_half, bos, args)
     streams = eval_streams(tokenizer, args.eval_tokens, args.ppl_seq_len, bos)
     base = {
         "model": args.model,
@@ -114,6 +145,8 @@ def cmd_run(args) -> None:
         "target": args.target,
         "options": json.loads(args.options),
         "data": args.data,
+        "calibration": args.calibration,
+        "compensation_windows": 0 if compensation is None else compensation.shape[0],
         "eval_tokens": args.eval_tokens,
         "zs_limit": args.zs_limit if args.tasks else None,
     }
@@ -129,7 +162,7 @@ def cmd_run(args) -> None:
                 setup = prepare_recovery(model, tokenizer, config, [first_half], seed=0)
                 assert setup is not None
                 setups[(variant, data_name)] = setup
-    outcome = pruned_outcome(model, tokenizer, calibration, args)
+    outcome = pruned_outcome(model, tokenizer, calibration, compensation, args)
     report = outcome.report
     pruned = {
         **base,
@@ -169,6 +202,12 @@ def cmd_run(args) -> None:
         del trial
 
 
+def variant_label(row: dict, with_ce: bool = True) -> str:
+    """The row's recovery with the loss terms it added: +ce (next-token term), +hidden (hidden-state term)."""
+    ce = "+ce" if with_ce and row.get("ce_weight") else ""
+    return row["variant"] + ce + ("+hidden" if row.get("hidden_weight") else "")
+
+
 def _ratio(row: dict, dense: dict | None, key: str) -> str:
     return f" ({row[key] / dense[key]:.2f}x)" if dense else ""
 
@@ -188,7 +227,7 @@ def zero_shot_lines(rows: list[dict]) -> list[str]:
         cells = [f"{100 * r['zero_shot'][t]:.1f} ± {100 * se.get(t, float('nan')):.1f}" for t in tasks]
         avg_se = math.sqrt(sum(se.get(t, float("nan")) ** 2 for t in tasks)) / len(tasks)
         data = "-" if r["variant"] in ("dense", "none") else r["data"]
-        variant = r["variant"] + ("+ce" if r.get("ce_weight") else "")
+        variant = variant_label(r)
         vs_dense = "-"
         same_items = dense is not None and "zero_shot_hits" in r and r is not dense
         if same_items and [len(v) for v in r["zero_shot_hits"].values()] == [
@@ -216,12 +255,16 @@ def cmd_report(args) -> None:
         r.setdefault("eval_tokens", 4096)  # rows before the field was recorded all used 4,096
         r.setdefault("zs_limit", 200 if "zero_shot" in r else None)  # likewise: 200 items per task
         r["options_key"] = json.dumps(r.get("options") or {}, sort_keys=True)  # recorded since 4 Dec; {} before
-    group_key = ("model", "method", "target", "options_key", "eval_tokens")
+        r.setdefault("calibration", "wikitext2")  # recorded since 7 Dec: before, always WikiText-2 ...
+        r.setdefault("compensation_windows", 0)  # ... and compensation on the calibration batch
+    group_key = ("model", "method", "target", "options_key", "eval_tokens", "calibration", "compensation_windows")
     groups = list(dict.fromkeys(tuple(r[k] for k in group_key) for r in rows if r["variant"] != "dense"))
     fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(5.5 * max(len(groups), 1), 4), squeeze=False)
     for ax, group in zip(axes[0], groups, strict=True):
-        model, method, target, options_key, eval_tokens = group
+        model, method, target, options_key, eval_tokens, calibration, comp_windows = group
         options = "" if options_key == "{}" else f", options {options_key}"
+        if (calibration, comp_windows) != ("wikitext2", 0):
+            options += f", pruned on {calibration} calibration with {comp_windows} compensation windows"
         # The dense reference of the same model measured on the same evaluation tokens.
         dense = next(
             (r for r in rows if (r["model"], r["eval_tokens"]) == (model, eval_tokens) and r["variant"] == "dense"),
@@ -254,7 +297,7 @@ def cmd_report(args) -> None:
         for r in sub:
             data = "-" if r["variant"] == "none" else r["data"]
             lines.append(
-                f"| {r['variant']} | {data} | {r.get('lr', '-')} | {r.get('ce_weight') or '-'} "
+                f"| {variant_label(r, with_ce=False)} | {data} | {r.get('lr', '-')} | {r.get('ce_weight') or '-'} "
                 f"| {r['ppl_wikitext2']:.2f}{_ratio(r, dense, 'ppl_wikitext2')} "
                 f"| {r['ppl_ptb']:.2f}{_ratio(r, dense, 'ppl_ptb')} | {r.get('tokens_trained', 0)} "
                 f"| {r.get('recovery_seconds', '-')} | {r.get('recovery_peak_memory', {}).get('peak_rss_mib', '-')} "
@@ -263,8 +306,7 @@ def cmd_report(args) -> None:
             labels.append(
                 r["variant"]
                 if r["variant"] == "none"
-                else f"{r['variant']}{'+ce' if r.get('ce_weight') else ''}\n({r['data']}, lr {r['lr']:g}, "
-                f"{r['tokens_trained'] // 1000}k tok)"
+                else f"{variant_label(r)}\n({r['data']}, lr {r['lr']:g}, {r['tokens_trained'] // 1000}k tok)"
             )
             scale = (dense["ppl_wikitext2"], dense["ppl_ptb"]) if dense else (1.0, 1.0)
             wiki.append(r["ppl_wikitext2"] / scale[0])
@@ -305,7 +347,9 @@ def main() -> None:
     run.add_argument("--method", default="gradmap")
     run.add_argument("--target", type=float, default=0.2)
     run.add_argument("--options", default="{}", help="method options as JSON")
-    run.add_argument("--data", default="wikitext2", help="recovery data: wikitext2, self_generated, or both (comma)")
+    run.add_argument(
+        "--data", default="wikitext2", help="recovery data: wikitext2, self_generated, mix, or several (comma)"
+    )
     run.add_argument("--lr", type=float, default=None, help="recovery learning rate (default: the engine's)")
     run.add_argument("--variants", default=",".join(VARIANTS))
     run.add_argument("--dense", action="store_true", help="also evaluate the dense model")
@@ -315,6 +359,15 @@ def main() -> None:
     run.add_argument("--batch", type=int, default=4)
     run.add_argument("--calib-samples", type=int, default=8)
     run.add_argument("--calib-len", type=int, default=128)
+    run.add_argument(
+        "--calibration", default="wikitext2", choices=["wikitext2", "self_generated"], help="pruning data source"
+    )
+    run.add_argument(
+        "--compensation-samples",
+        type=int,
+        default=0,
+        help="compensation windows from the calibration's source (0: the calibration batch, as the older rows)",
+    )
     run.add_argument("--eval-tokens", type=int, default=8192)
     run.add_argument("--ppl-seq-len", type=int, default=128)
     run.add_argument("--tasks", default="", help="zero-shot tasks (comma-separated); empty = none")
