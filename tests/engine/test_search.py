@@ -398,9 +398,9 @@ class CurveMeasure(PerplexityMeasure):
     """Ratio CURVE[k] for a model with k of `dense_layers` layers gone; the search's predictions (made
     inside the selection) read CURVE[k + bias] instead: a guess that is wrong by `bias` layers."""
 
-    def __init__(self, bias: int, dense_layers: int = 8) -> None:
+    def __init__(self, bias: int, dense_layers: int = 8, stderr: float = 0.01) -> None:
         super().__init__(stream(), 16)
-        self.bias, self.dense_layers, self.predicted = bias, dense_layers, []
+        self.bias, self.dense_layers, self.stderr, self.predicted = bias, dense_layers, stderr, []
 
     def dense(self, model):
         return {"ppl": 10.0, "segment_nll": [0.0] * 64}
@@ -413,24 +413,44 @@ class CurveMeasure(PerplexityMeasure):
         if predicting:
             self.predicted.append(removed)
         ratio = CURVE[min(max(removed + (self.bias if predicting else 0), 1), 7)]
-        return PairedRatio(ratio=ratio, stderr=0.01, perplexity=10 * ratio, segments=16, complete=False)
+        return PairedRatio(ratio=ratio, stderr=self.stderr, perplexity=10 * ratio, segments=16, complete=False)
 
 
 @pytest.mark.parametrize(
-    ("bias", "probed"), [(0, [3, 4]), (1, [3, 4]), (-1, [3, 4, 5]), (3, [1, 2, 3, 4, 5]), (-3, [3, 4, 5, 6, 7])]
+    ("bias", "confirm_next", "probed", "trusted"),
+    [
+        # Default: probing starts at the predicted answer; a right prediction is confirmed by one probe
+        # and the size past it is decided by its prediction, scaled by the error seen at the answer.
+        (0, False, [3], [4]),
+        (1, False, [2, 3, 4], []),  # the scaled prediction of 3 meets (1.35 x 1.1 / 1.22): probed
+        (-1, False, [3, 4], []),
+        (3, False, [1, 2, 3, 4, 5], []),  # the prediction missed at 1 where the probe met: never trusted
+        (-3, False, [2, 3, 4, 5, 6], []),
+        # confirm_next: every decision is an exact probe, starting just past the predicted answer.
+        (0, True, [3, 4], []),
+        (1, True, [3, 4], []),
+        (-1, True, [3, 4, 5], []),
+        (3, True, [1, 2, 3, 4, 5], []),
+        (-3, True, [3, 4, 5, 6, 7], []),
+    ],
 )
-def test_predicted_search_probes_from_the_selections_in_loop_state_and_keeps_the_exact_answer(bias, probed):
+def test_predicted_search_probes_from_the_selections_in_loop_state_and_keeps_the_exact_answer(
+    bias, confirm_next, probed, trusted
+):
     """GradMAP's in-loop state predicts each size's quality during the one selection run; exact
-    probes start just past the predicted answer. Wrong predictions cost probes, never the answer."""
+    probes start from the predicted answer. Wrong predictions cost probes, never the answer."""
     model, extra = make_tiny_llama(8), ids(n=16, seed=2)
     measure = CurveMeasure(bias)
-    target = {"max_perplexity_ratio": 1.3, "max_sparsity": 0.9}  # CURVE: k = 3 is the largest within 1.3
+    # CURVE: k = 3 is the largest within 1.3
+    target = {"max_perplexity_ratio": 1.3, "max_sparsity": 0.9, "confirm_next": confirm_next}
     found = search(
         copy.deepcopy(model), ids(8), method="gradmap", target=target, measure=measure, compensation_data=extra
     )
     q = found.report["quality_target"]
     assert q["chosen_size"] == 3 and found.report["k"] == 3
-    assert sorted(p["size"] for p in q["curve"]) == probed  # exact probes only
+    assert sorted(p["size"] for p in q["curve"] if p["exact"]) == probed and q["probes"] == len(probed)
+    skipped = [p for p in q["curve"] if not p["exact"]]
+    assert [p["size"] for p in skipped] == trusted and all(not p["meets"] and p["value"] > 1.3 for p in skipped)
     predicted = [p["size"] for p in q["predictions"]]
     assert predicted == measure.predicted == list(range(1, len(predicted) + 1))
     assert not q["predictions"][-1]["meets"] and all(p["meets"] for p in q["predictions"][:-1])
@@ -440,6 +460,16 @@ def test_predicted_search_probes_from_the_selections_in_loop_state_and_keeps_the
     assert found.report["removed_layers"] == single.report["removed_layers"]
     for name, weight in single.model.state_dict().items():
         assert torch.allclose(found.model.state_dict()[name], weight, atol=1e-6), name
+
+
+def test_a_scaled_prediction_within_its_standard_error_of_the_budget_is_probed():
+    """k = 4 reads 1.35 against a 1.3 budget, but with a 0.06 standard error: too close to trust."""
+    model, extra = make_tiny_llama(8), ids(n=16, seed=2)
+    target = {"max_perplexity_ratio": 1.3, "max_sparsity": 0.9}
+    measure = CurveMeasure(0, stderr=0.06)
+    found = search(model, ids(8), method="gradmap", target=target, measure=measure, compensation_data=extra)
+    q = found.report["quality_target"]
+    assert q["chosen_size"] == 3 and [(p["size"], p["exact"]) for p in q["curve"]] == [(3, True), (4, True)]
 
 
 def test_search_without_predictions_gallops_up_from_one_layer():

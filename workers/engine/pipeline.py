@@ -409,8 +409,29 @@ def search(
             return run_on_copy(spec.run, size, "parameters", opts)
 
     best: dict[str, PruneOutcome] = {}
+    exact: dict[float, ProbeResult] = {}
+    # Without confirm_next, a prediction that the exact probe below agreed with decides a miss on its own.
+    trusting = predicting and not target.confirm_next
+
+    def trusted_miss(size: float) -> ProbeResult | None:
+        """The predicted miss at `size`, scaled by the prediction's error at the exact probe one size
+        below, where that probe met the budget as predicted and the scaled prediction misses by more
+        than its standard error (a perplexity ratio: predictions exist for nothing else)."""
+        said = {p.size: p for p in predictions}
+        below, here, before = exact.get(size - 1), said.get(size), said.get(size - 1)
+        if not trusting or below is None or here is None or before is None or not (below.meets and before.meets):
+            return None
+        scale = below.value / before.value
+        value, stderr = here.value * scale, here.extra["stderr"] * scale
+        if target.meets(value - stderr):
+            return None
+        extra = {"exact": False, "prediction": round(here.value, 5), "scaled_by": round(scale, 5)}
+        return ProbeResult(size=size, value=value, meets=False, extra={**extra, "stderr": round(stderr, 5)})
 
     def probe(size: float) -> ProbeResult:
+        if (trusted := trusted_miss(size)) is not None:
+            progress("scoring", 0.0, f"size {size:g} misses by its scaled prediction: {trusted.value:.4g}")
+            return trusted
         probe_started = time.perf_counter()
         outcome = build(size)
         if setup is not None:
@@ -425,17 +446,22 @@ def search(
                 "parameters_after": outcome.report["parameters_after"]["total"],
                 "achieved_parameter_sparsity": round(outcome.report["achieved_parameter_sparsity"], 5),
                 "seconds": round(time.perf_counter() - probe_started, 3),
+                "exact": True,
             },
         )
+        exact[size] = result
         progress("scoring", 0.0, f"probe size {size:g}: {target.metric} {value:.4g}")
         if result.meets and ("chosen" not in best or size > best["chosen"].report["search_size"]):
             outcome.report["search_size"] = size
             best["chosen"] = outcome
         return result
 
-    if predicting:  # start just past the predicted answer: usually it and the size below decide
+    if predicting:
+        # Start at the predicted answer (its size is position + 1), or just past it with confirm_next:
+        # then it and the size below usually decide.
         predicted = max((int(p.size) for p in predictions if p.meets), default=0)
-        found = largest_passing_from(candidates, min(predicted, len(candidates) - 1), probe)
+        start = predicted if target.confirm_next else max(predicted - 1, 0)
+        found = largest_passing_from(candidates, min(start, len(candidates) - 1), probe)
     else:
         found = largest_passing(candidates, probe, full=target.full_curve, gallop=resumable)
     if found.chosen is None:
@@ -465,10 +491,11 @@ def search(
         "chosen_value": round(chosen_value, 5),
         "probe_value": round(found.chosen.value, 5),
         "refit": refit,
+        # Exact probes, and (`exact: false`) sizes whose scaled prediction decided a miss.
         "curve": [p.to_json() for p in found.curve],
         # Quality of the selection's in-loop state at each size (not a published model): where probing started.
         "predictions": [p.to_json() for p in predictions],
-        "probes": len(found.curve),
+        "probes": len(exact),
         "removal_order": order,
         "search_seconds": round(time.perf_counter() - started, 3),
     }

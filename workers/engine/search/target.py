@@ -32,8 +32,18 @@ class QualityTarget(BaseModel):
         True,
         description=(
             "Methods whose selection holds a compensated model after each decision (GradMAP with in-loop "
-            "compensation) measure it at every size as they go, and exact probes start just past the predicted "
-            "answer, usually two of them. Off: probes gallop up from one layer. The answer is a probe's either way."
+            "compensation) measure it at every size as they go, and exact probes start at the predicted answer. "
+            "Off: probes gallop up from one layer. The published model is always an exact probe's."
+        ),
+    )
+    confirm_next: bool = Field(
+        False,
+        description=(
+            "With predictions: also compensate and measure the size past the answer when its prediction, scaled by "
+            "the prediction's error at the answer's exact probe, already misses the budget by more than its standard "
+            "error. Off (default): that probe is skipped, so a right prediction costs one probe; the answer can then "
+            "be one layer smaller than the galloping search's, when the scaled prediction errs by more than its "
+            "standard error near the budget. On: the answer is exactly the galloping search's, usually at two probes."
         ),
     )
     probe_compensation_samples: int = Field(
