@@ -59,6 +59,9 @@ def main() -> None:
     parser.add_argument(
         "--no-predict", action="store_true", help="gallop up from one layer instead of probing from the prediction"
     )
+    parser.add_argument(
+        "--confirm-next", action="store_true", help="probe the size past the answer even where its prediction misses"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -83,6 +86,7 @@ def main() -> None:
         eval_tokens=args.eval_tokens,
         full_curve=args.full_curve,
         predict=not args.no_predict,
+        confirm_next=args.confirm_next,
         **probe_option,
     )
     measure = perplexity_measure(tokenize_text(tokenizer, text, target.eval_tokens), target.seq_len)
@@ -135,8 +139,9 @@ def main() -> None:
             "full_measure": args.full_measure,
             "compensation_samples": n_comp,
             "probe_compensation_samples": target.probe_compensation_samples,
-            "curve": fields(q["curve"], "compensation_tokens"),
+            "curve": fields(q["curve"], "compensation_tokens", "exact", "prediction", "scaled_by"),
             "predict": target.predict,
+            "confirm_next": target.confirm_next,
             "predictions": fields(q.get("predictions", [])),
             "refit": q.get("refit"),
             "removed_layers": found.report.get("removed_layers"),
