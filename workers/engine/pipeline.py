@@ -19,7 +19,7 @@ from workers.engine.recovery import Alignment, RecoveryConfig, parse_recovery, r
 from workers.engine.registry import get_method, parse_options
 from workers.engine.resources import PeakMemory
 from workers.engine.search import ProbeResult, QualityTarget, largest_passing, no_candidate_error
-from workers.engine.search.curve import largest_passing_from
+from workers.engine.search.curve import largest_passing_from, scaled_prediction_miss
 from workers.engine.search.layers import fixed_removal, removal_order
 from workers.engine.search.measure import Measure, PerplexityMeasure
 from workers.engine.types import (
@@ -413,23 +413,9 @@ def search(
     # Without confirm_next, a prediction that the exact probe below agreed with decides a miss on its own.
     trusting = predicting and not target.confirm_next
 
-    def trusted_miss(size: float) -> ProbeResult | None:
-        """The predicted miss at `size`, scaled by the prediction's error at the exact probe one size
-        below, where that probe met the budget as predicted and the scaled prediction misses by more
-        than its standard error (a perplexity ratio: predictions exist for nothing else)."""
-        said = {p.size: p for p in predictions}
-        below, here, before = exact.get(size - 1), said.get(size), said.get(size - 1)
-        if not trusting or below is None or here is None or before is None or not (below.meets and before.meets):
-            return None
-        scale = below.value / before.value
-        value, stderr = here.value * scale, here.extra["stderr"] * scale
-        if target.meets(value - stderr):
-            return None
-        extra = {"exact": False, "prediction": round(here.value, 5), "scaled_by": round(scale, 5)}
-        return ProbeResult(size=size, value=value, meets=False, extra={**extra, "stderr": round(stderr, 5)})
-
     def probe(size: float) -> ProbeResult:
-        if (trusted := trusted_miss(size)) is not None:
+        trusted = scaled_prediction_miss(size, exact, predictions, target.meets) if trusting else None
+        if trusted is not None:
             progress("scoring", 0.0, f"size {size:g} misses by its scaled prediction: {trusted.value:.4g}")
             return trusted
         probe_started = time.perf_counter()

@@ -99,6 +99,31 @@ def largest_passing_from(
     return _bisect(candidates, lo, hi, best, probe, curve)
 
 
+def scaled_prediction_miss(
+    size: float,
+    exact: dict[float, ProbeResult],
+    predictions: Sequence[ProbeResult],
+    meets: Callable[[float], bool],
+) -> ProbeResult | None:
+    """A miss at `size` decided without a probe, or None where it needs one.
+
+    The prediction of `size` is scaled by the prediction's error at the exact probe one size below:
+    prediction(size) x exact(size - 1) / prediction(size - 1). It decides only where that probe met
+    the budget as predicted, and where the scaled value misses by more than its standard error
+    (predictions are perplexity ratios: lower is better).
+    """
+    said = {p.size: p for p in predictions}
+    below, here, before = exact.get(size - 1), said.get(size), said.get(size - 1)
+    if below is None or here is None or before is None or not (below.meets and before.meets):
+        return None
+    scale = below.value / before.value
+    value, stderr = here.value * scale, here.extra["stderr"] * scale
+    if meets(value - stderr):
+        return None
+    extra = {"exact": False, "prediction": round(here.value, 5), "scaled_by": round(scale, 5)}
+    return ProbeResult(size=size, value=value, meets=False, extra={**extra, "stderr": round(stderr, 5)})
+
+
 def _bisect(
     candidates: Sequence[float],
     lo: int,
