@@ -208,6 +208,14 @@ def variant_label(row: dict, with_ce: bool = True) -> str:
     return row["variant"] + ce + ("+hidden" if row.get("hidden_weight") else "")
 
 
+def data_label(row: dict) -> str:
+    """The recovery data, with its sampling where it is not the default (top-k 50, temperature 1)."""
+    top_k, temperature = row.get("sampling") or (50, 1.0)
+    if (top_k, temperature) == (50, 1.0):
+        return row["data"]
+    return f"{row['data']} (top-k {top_k}, T {temperature:g})"
+
+
 def _ratio(row: dict, dense: dict | None, key: str) -> str:
     return f" ({row[key] / dense[key]:.2f}x)" if dense else ""
 
@@ -295,7 +303,7 @@ def cmd_report(args) -> None:
             )
         labels, wiki, ptb = [], [], []
         for r in sub:
-            data = "-" if r["variant"] == "none" else r["data"]
+            data = "-" if r["variant"] == "none" else data_label(r)
             lines.append(
                 f"| {variant_label(r, with_ce=False)} | {data} | {r.get('lr', '-')} | {r.get('ce_weight') or '-'} "
                 f"| {r['ppl_wikitext2']:.2f}{_ratio(r, dense, 'ppl_wikitext2')} "
