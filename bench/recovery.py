@@ -159,7 +159,7 @@ def cmd_run(args) -> None:
         for variant in variants:
             if VARIANTS[variant] is not None:
                 config = recovery_config(variant, data_name, args)
-                setup = prepare_recovery(model, tokenizer, config, [first_half], seed=0)
+                setup = prepare_recovery(model, tokenizer, config, [first_half], seed=args.recovery_seed)
                 assert setup is not None
                 setups[(variant, data_name)] = setup
     outcome = pruned_outcome(model, tokenizer, calibration, compensation, args)
@@ -177,7 +177,7 @@ def cmd_run(args) -> None:
         started = time.perf_counter()
         trial = copy.copy(outcome)
         trial.model, trial.report = copy.deepcopy(outcome.model), dict(report)
-        apply_recovery(trial, setup, seed=0)
+        apply_recovery(trial, setup, seed=args.recovery_seed)
         rec = trial.report["recovery"]
         record = {
             **pruned,
@@ -196,6 +196,7 @@ def cmd_run(args) -> None:
             "sampling": [setup.config.sample_top_k, setup.config.sample_temperature]
             if data_name == "self_generated"
             else None,
+            "recovery_seed": args.recovery_seed,
             "variant_seconds": round(time.perf_counter() - started, 1),
         }
         emit(out, {**record, **evaluate(trial.model, tokenizer, streams, args)})
@@ -209,11 +210,12 @@ def variant_label(row: dict, with_ce: bool = True) -> str:
 
 
 def data_label(row: dict) -> str:
-    """The recovery data, with its sampling where it is not the default (top-k 50, temperature 1)."""
+    """The recovery data, with its sampling where it is not top-k 50 at temperature 1 (the rows before 7 Dec)
+    and its seed where it is not 0."""
     top_k, temperature = row.get("sampling") or (50, 1.0)
-    if (top_k, temperature) == (50, 1.0):
-        return row["data"]
-    return f"{row['data']} (top-k {top_k}, T {temperature:g})"
+    details = [] if (top_k, temperature) == (50, 1.0) else [f"top-k {top_k}, T {temperature:g}"]
+    details += [f"seed {row['recovery_seed']}"] if row.get("recovery_seed") else []
+    return f"{row['data']} ({', '.join(details)})" if details else row["data"]
 
 
 def _ratio(row: dict, dense: dict | None, key: str) -> str:
@@ -267,8 +269,12 @@ def cmd_report(args) -> None:
         r.setdefault("compensation_windows", 0)  # ... and compensation on the calibration batch
     group_key = ("model", "method", "target", "options_key", "eval_tokens", "calibration", "compensation_windows")
     groups = list(dict.fromkeys(tuple(r[k] for k in group_key) for r in rows if r["variant"] != "dense"))
-    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(5.5 * max(len(groups), 1), 4), squeeze=False)
-    for ax, group in zip(axes[0], groups, strict=True):
+    columns = min(3, max(len(groups), 1))
+    plot_rows = -(-max(len(groups), 1) // columns)
+    fig, axes = plt.subplots(plot_rows, columns, figsize=(6.5 * columns, 5.5 * plot_rows), squeeze=False)
+    for ax in axes.flat[len(groups) :]:
+        ax.set_visible(False)
+    for ax, group in zip(axes.flat, groups, strict=False):
         model, method, target, options_key, eval_tokens, calibration, comp_windows = group
         options = "" if options_key == "{}" else f", options {options_key}"
         if (calibration, comp_windows) != ("wikitext2", 0):
@@ -314,7 +320,7 @@ def cmd_report(args) -> None:
             labels.append(
                 r["variant"]
                 if r["variant"] == "none"
-                else f"{variant_label(r)}\n({r['data']}, lr {r['lr']:g}, {r['tokens_trained'] // 1000}k tok)"
+                else f"{variant_label(r)}\n({data_label(r)}, lr {r['lr']:g}, {r['tokens_trained'] // 1000}k tok)"
             )
             scale = (dense["ppl_wikitext2"], dense["ppl_ptb"]) if dense else (1.0, 1.0)
             wiki.append(r["ppl_wikitext2"] / scale[0])
@@ -334,9 +340,8 @@ def cmd_report(args) -> None:
         ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
         ax.set_xticks(list(xs), labels, rotation=45, ha="right", fontsize=7)
         ax.set_ylabel("perplexity / dense")
-        ax.set_title(
-            f"{model.split(':')[-1]} {method} {target:.0%}{options} ({eval_tokens // 1024}k eval tokens)", fontsize=8
-        )
+        title = f"{model.split(':')[-1]} {method} {target:.0%} ({eval_tokens // 1024}k eval tokens)"
+        ax.set_title(f"{title}\n{options.lstrip(', ')}", fontsize=8)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
@@ -384,6 +389,7 @@ def main() -> None:
     run.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
     run.add_argument("--sample-top-k", type=int, default=50, help="self-generated data: top-k (0: all tokens)")
     run.add_argument("--sample-temperature", type=float, default=1.0, help="self-generated data: temperature")
+    run.add_argument("--recovery-seed", type=int, default=0, help="seed of the recovery data and training")
     run.add_argument("--lora-r", type=int, default=8, help="LoRA rank (lora variants)")
     run.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (default: 2 x rank)")
     run.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden-state MSE term")
