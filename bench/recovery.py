@@ -68,8 +68,11 @@ def recovery_config(variant: str, data_name: str, args) -> RecoveryConfig:
             else {}
         ),
         n_samples=args.samples,
-        sample_top_k=args.sample_top_k,
-        sample_temperature=args.sample_temperature,
+        **{
+            name: value
+            for name, value in (("sample_top_k", args.sample_top_k), ("sample_temperature", args.sample_temperature))
+            if value is not None  # else the engine's default
+        },
         seq_len=args.seq_len,
         **({"lora_r": args.lora_r, "lora_alpha": args.lora_alpha or 2 * args.lora_r} if "lora" in variant else {}),
         steps=args.steps,
@@ -387,8 +390,18 @@ def main() -> None:
     run.add_argument("--zs-limit", type=int, default=200)
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
-    run.add_argument("--sample-top-k", type=int, default=50, help="self-generated data: top-k (0: all tokens)")
-    run.add_argument("--sample-temperature", type=float, default=1.0, help="self-generated data: temperature")
+    run.add_argument(
+        "--sample-top-k",
+        type=int,
+        default=None,
+        help="self-generated data: top-k (0: all tokens; default: the engine's)",
+    )
+    run.add_argument(
+        "--sample-temperature",
+        type=float,
+        default=None,
+        help="self-generated data: temperature (default: the engine's)",
+    )
     run.add_argument("--recovery-seed", type=int, default=0, help="seed of the recovery data and training")
     run.add_argument("--lora-r", type=int, default=8, help="LoRA rank (lora variants)")
     run.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (default: 2 x rank)")
