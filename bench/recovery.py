@@ -52,6 +52,12 @@ VARIANTS = {
 }
 
 
+def sampling_overrides(args) -> dict:
+    """The self-generated sampling given on the command line; what is not given keeps the engine's default."""
+    given = {"sample_top_k": args.sample_top_k, "sample_temperature": args.sample_temperature}
+    return {name: value for name, value in given.items() if value is not None}
+
+
 def recovery_config(variant: str, data_name: str, args) -> RecoveryConfig:
     # The first half of WikiText-2's validation file stands for an uploaded dataset ("mix": half of it, half sampled).
     data = {
@@ -68,11 +74,7 @@ def recovery_config(variant: str, data_name: str, args) -> RecoveryConfig:
             else {}
         ),
         n_samples=args.samples,
-        **{
-            name: value
-            for name, value in (("sample_top_k", args.sample_top_k), ("sample_temperature", args.sample_temperature))
-            if value is not None  # else the engine's default
-        },
+        **sampling_overrides(args),
         seq_len=args.seq_len,
         **({"lora_r": args.lora_r, "lora_alpha": args.lora_alpha or 2 * args.lora_r} if "lora" in variant else {}),
         steps=args.steps,
@@ -272,8 +274,9 @@ def cmd_report(args) -> None:
         r.setdefault("compensation_windows", 0)  # ... and compensation on the calibration batch
     group_key = ("model", "method", "target", "options_key", "eval_tokens", "calibration", "compensation_windows")
     groups = list(dict.fromkeys(tuple(r[k] for k in group_key) for r in rows if r["variant"] != "dense"))
-    columns = min(3, max(len(groups), 1))
-    plot_rows = -(-max(len(groups), 1) // columns)
+    panels = max(len(groups), 1)
+    columns = min(3, panels)
+    plot_rows = -(-panels // columns)
     fig, axes = plt.subplots(plot_rows, columns, figsize=(6.5 * columns, 5.5 * plot_rows), squeeze=False)
     for ax in axes.flat[len(groups) :]:
         ax.set_visible(False)

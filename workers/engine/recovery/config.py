@@ -34,7 +34,8 @@ class RecoveryConfig(BaseModel):
     mix_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Share of self-generated sequences with data=mix.")
     n_samples: int = Field(64, ge=1, le=100_000, description="Training sequences (the data is cycled over).")
     # Sampling defaults measured on a no-corpus SmolLM2 job (docs/benchmarks/recovery.md, third 7 Dec round):
-    # the whole distribution at T 1.2 healed best (1.39x / 1.40x against 1.44x at T 1, 1.51x at T 1.5).
+    # the whole distribution at T 1.2 healed best: 1.39x / 1.40x dense perplexity, against 1.44x / 1.44x at T 1
+    # and 1.52x / 1.50x at T 1.5.
     sample_top_k: int = Field(
         0, ge=0, le=1_000_000, description="Self-generated data: sample from the k likeliest tokens (0: all)."
     )
